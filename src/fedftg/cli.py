@@ -1,0 +1,182 @@
+"""The `fedftg` command: `run` experiments and inspect a `partition`.
+
+Every setting of `RunConfig` is a flag (`--local-epochs 5`, `--ftg-iterations 10`); a TOML
+file given with `--config` is applied first, flags override it. Bad input ends with one
+`error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from fedftg.config import SECTIONS, RunConfig, build_config
+from fedftg.errors import UserError
+
+EXIT_USAGE = 2
+
+HELP = {
+    "dataset": "digits (embedded), mnist, fmnist, cifar10, cifar100, imagefolder",
+    "data_dir": "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
+    "partition": "iid, dirichlet (authors'), dirichlet-label (NIID-Bench), shards",
+    "alpha": "Dirichlet concentration (smaller = more non-IID)",
+    "participation": "fraction of clients per round (0, 1]",
+    "selection": "fixed: exactly round(participation*N); bernoulli: each client independently",
+    "method": "comma list: fedavg, fedprox, scaffold, feddyn, moon, each optionally +ftg or "
+    "+df; fedftg = fedavg+ftg",
+    "model": "cnn, resnet18, resnet18-gn",
+    "local_steps": "fixed number of local steps (overrides --local-epochs)",
+    "augment": "auto (flip + pad-crop for 32x32 RGB), on, off",
+    "device": "cpu, cuda, cuda:N, mps",
+    "out": "run directory for config.json, metrics.jsonl, summary.json, curves.png",
+    "eval_every": "evaluate on the full test set every k rounds (and at the last)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one `error:` line with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(EXIT_USAGE)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    group = parser.add_argument_group("run settings (defaults in brackets)")
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = (HELP.get(f.name, "") + f" [{shown}]").strip()
+        if hints[f.name] is bool:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar="V", help=help_text
+            )
+    for section, cls in SECTIONS.items():
+        sub = parser.add_argument_group(f"{section} server plug-in settings")
+        sub_defaults = cls()
+        for f in dataclasses.fields(cls):
+            flag = f"--{section}-" + f.name.replace("_", "-")
+            sub.add_argument(
+                flag,
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar="V",
+                help=f"[{getattr(sub_defaults, f.name)}]",
+            )
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in vars(ns).items():
+        if key in ("command", "config", "func", "progress", "heatmap"):
+            continue
+        section, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _config(ns: argparse.Namespace) -> RunConfig:
+    return build_config(getattr(ns, "config", None), _overrides(ns))
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from fedftg.engine.run import run_experiment
+
+    cfg = _config(ns)
+    run_experiment(cfg, progress=ns.progress)
+    return 0
+
+
+def cmd_partition(ns: argparse.Namespace) -> int:
+    from fedftg.data.partition import format_partition_table, partition_stats
+    from fedftg.engine.simulation import prepare
+    from fedftg.report.heatmap import save_partition_heatmap
+
+    cfg = _config(ns)
+    setup = prepare(cfg)
+    print(format_partition_table(setup.partition))
+    stats = partition_stats(setup.partition)
+    print(", ".join(f"{k}: {_fmt(v)}" for k, v in stats.items() if not isinstance(v, list)))
+    path = ns.heatmap
+    save_partition_heatmap(
+        setup.partition.counts,
+        path,
+        class_names=list(setup.dataset.classes),
+        title=f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+    )
+    print(f"heatmap written to {path}")
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedftg", description=__doc__.splitlines()[0])
+    from fedftg import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedftg {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = subs.add_parser("run", help="run FL methods and write results to --out")
+    run.add_argument("--config", metavar="FILE", help="TOML file of settings (flags override)")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr [on when stderr is a terminal]",
+    )
+    _add_config_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    part = subs.add_parser("partition", help="print per-client statistics, write a heatmap")
+    part.add_argument("--config", metavar="FILE", help="TOML file of settings (flags override)")
+    part.add_argument("--heatmap", default="partition.png", help="PNG path [partition.png]")
+    _add_config_flags(part)
+    part.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedftg` console command."""
+    parser = build_parser()
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return ns.func(ns)
+    except UserError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""In-process federated simulation: rounds of select -> local update -> aggregate -> server
+plug-in -> evaluate -> record, for every requested method on one shared setup.
+
+All methods of one experiment see the same data, partition, initial model and client
+selection; every random draw comes from a keyed stream (`fedftg.seeding`), so results do
+not depend on execution order.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedftg.config import RunConfig
+from fedftg.data.batches import DeviceArrays, eval_batches
+from fedftg.data.partition import Partition, make_partition
+from fedftg.data.sources import Dataset, load_dataset
+from fedftg.errors import UserError
+from fedftg.methods.aggregation import State, select_clients
+from fedftg.methods.client import (
+    ClientMethod,
+    LocalContext,
+    LocalResult,
+    LocalSpec,
+    build_method,
+    detached_state,
+    train_local,
+)
+from fedftg.models import build_model
+from fedftg.seeding import derive_seed, torch_rng
+
+
+class ServerPlugin(Protocol):
+    """A server step run after aggregation (FedFTG, FedDF)."""
+
+    def step(
+        self,
+        student: nn.Module,
+        teachers: list[nn.Module],
+        counts: np.ndarray,
+        round_idx: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Setup:
+    """What every method of one experiment shares."""
+
+    cfg: RunConfig
+    dataset: Dataset
+    partition: Partition
+    train: DeviceArrays
+    test: DeviceArrays
+    client_indices: list[torch.Tensor]
+    init_state: State
+    device: torch.device
+
+    def new_model(self) -> nn.Module:
+        d = self.dataset
+        model = build_model(self.cfg.model, d.channels, d.image_size, d.num_classes)
+        model.load_state_dict(self.init_state)
+        return model.to(self.device)
+
+
+@dataclass
+class MethodState:
+    """Everything that evolves during one method's run (what a checkpoint must hold)."""
+
+    global_state: State
+    server_state: dict[str, torch.Tensor]
+    client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    round: int = 0
+    elapsed_s: float = 0.0
+    best_acc: float = 0.0
+    last_acc: float | None = None
+    last_loss: float | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name``; an unavailable accelerator is a `UserError`."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device: mps requested but it is not available")
+    return torch.device(name)
+
+
+def prepare(cfg: RunConfig) -> Setup:
+    """Load data, partition it and build the initial model (seeded)."""
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    if cfg.clients > len(ds.train_y):
+        raise UserError(
+            f"clients: {cfg.clients} clients but only {len(ds.train_y)} training samples"
+        )
+    part = make_partition(
+        ds.train_y,
+        ds.num_classes,
+        cfg.clients,
+        cfg.partition,
+        alpha=cfg.alpha,
+        sigma=cfg.sigma,
+        shards_per_client=cfg.shards_per_client,
+        min_size=cfg.min_size,
+        samples_per_client=cfg.samples_per_client,
+        seed=cfg.seed,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        init = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    return Setup(
+        cfg=cfg,
+        dataset=ds,
+        partition=part,
+        train=DeviceArrays(ds.train_x, ds.train_y, ds.mean, ds.std, device),
+        test=DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std, device),
+        client_indices=[
+            torch.as_tensor(ix, dtype=torch.long, device=device) for ix in part.client_indices
+        ],
+        init_state=detached_state(init),
+        device=device,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceArrays, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole split."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for idx in eval_batches(len(data), batch_size, data.y.device):
+        x, y = data.batch(idx)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(len(data), 1)
+    return correct / n, loss_sum / n
+
+
+def label_histogram(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """A client's label counts: what it uploads beside its model for FedFTG."""
+    return torch.bincount(labels, minlength=num_classes).cpu().numpy().astype(np.int64)
+
+
+def client_method(cfg: RunConfig, base: str) -> ClientMethod:
+    """The configured client method ``base``."""
+    return build_method(
+        base,
+        prox_mu=cfg.prox_mu,
+        scaffold_server_lr=cfg.scaffold_server_lr,
+        feddyn_alpha=cfg.feddyn_alpha,
+        moon_mu=cfg.moon_mu,
+        moon_tau=cfg.moon_tau,
+    )
+
+
+def server_plugin(cfg: RunConfig, name: str | None, ds: Dataset, device: torch.device):
+    """The configured server plug-in ``name`` (None for plain aggregation)."""
+    if name is None:
+        return None
+    if name == "ftg":
+        from fedftg.methods.ftg import FTGServer
+
+        return FTGServer(
+            cfg.ftg, ds.num_classes, ds.channels, ds.image_size, device=device, seed=cfg.seed
+        )
+    if name == "df":
+        from fedftg.methods.feddf import FedDFServer
+
+        return FedDFServer(
+            cfg.df, ds.num_classes, ds.channels, ds.image_size, device=device, seed=cfg.seed
+        )
+    raise ValueError(f"unknown server plug-in {name!r}")
+
+
+def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
+    """Local hyper-parameters of round ``round_idx`` (0-based), with the decayed lr."""
+    if cfg.augment == "auto":
+        aug = ds.channels == 3 and ds.image_size == 32
+    else:
+        aug = cfg.augment == "on"
+    return LocalSpec(
+        lr=cfg.lr * cfg.lr_decay**round_idx,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        clip=cfg.clip,
+        augment=aug,
+    )
+
+
+class MethodRunner:
+    """Runs one method round by round on a `Setup`."""
+
+    def __init__(self, setup: Setup, base: str, plugin: str | None) -> None:
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.method = client_method(self.cfg, base)
+        self.plugin_name = plugin
+        self.plugin = server_plugin(self.cfg, plugin, setup.dataset, setup.device)
+        self.model = setup.new_model()
+        self._teachers: list[nn.Module] = []
+        self.state = MethodState(
+            global_state=detached_state(self.model),
+            server_state=self.method.init_server_state(self.model),
+        )
+
+    def run_round(self) -> dict[str, Any]:
+        """One round; returns its metrics record (without the method name)."""
+        cfg, setup, st = self.cfg, self.setup, self.state
+        t = st.round
+        start = time.perf_counter()
+        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
+        spec = local_spec(cfg, setup.dataset, t)
+        results: list[LocalResult] = []
+        histograms = []
+        for k in selected:
+            k = int(k)
+            if k not in st.client_states:
+                st.client_states[k] = self.method.init_client_state(self.model)
+            ctx = LocalContext(
+                global_state=st.global_state,
+                client_state=st.client_states[k],
+                server_state=st.server_state,
+                num_clients=cfg.clients,
+            )
+            idx = setup.client_indices[k]
+            gen = torch_rng(cfg.seed, "local", t, k, device=setup.device)
+            results.append(train_local(self.model, setup.train, idx, self.method, ctx, spec, gen))
+            histograms.append(label_histogram(setup.train.y[idx], setup.dataset.num_classes))
+        new_state = self.method.aggregate(st.global_state, results, st.server_state, cfg.clients)
+        self.model.load_state_dict(new_state)
+        record: dict[str, Any] = {
+            "round": t + 1,
+            "clients": len(selected),
+            "lr": spec.lr,
+            "train_loss": float(np.mean([r.loss for r in results])),
+        }
+        evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
+        if self.plugin is not None:
+            if evaluate_now:
+                acc0, _ = evaluate(self.model, setup.test, cfg.eval_batch_size)
+                record["acc_before_server"] = acc0
+            server_start = time.perf_counter()
+            teachers = self._teacher_models(results)
+            gen = torch_rng(cfg.seed, "server", t, device=setup.device)
+            metrics = self.plugin.step(self.model, teachers, np.stack(histograms), t, gen)
+            record["server_s"] = time.perf_counter() - server_start
+            record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
+            new_state = detached_state(self.model)
+        st.global_state = new_state
+        st.round = t + 1
+        if evaluate_now:
+            st.last_acc, st.last_loss = evaluate(self.model, setup.test, cfg.eval_batch_size)
+            st.best_acc = max(st.best_acc, st.last_acc)
+            record["test_acc"], record["test_loss"] = st.last_acc, st.last_loss
+        else:
+            record["test_acc"], record["test_loss"] = None, None
+        round_s = time.perf_counter() - start
+        st.elapsed_s += round_s
+        record["round_s"] = round_s
+        record["elapsed_s"] = st.elapsed_s
+        return record
+
+    def _teacher_models(self, results: list[LocalResult]) -> list[nn.Module]:
+        """The round's client models as modules (a reused pool, one per participant)."""
+        while len(self._teachers) < len(results):
+            self._teachers.append(copy.deepcopy(self.model))
+        for net, r in zip(self._teachers, results, strict=False):
+            net.load_state_dict(r.state)
+            net.eval()
+        return self._teachers[: len(results)]
+
+    def summary(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "final_acc": st.last_acc,
+            "final_loss": st.last_loss,
+            "best_acc": st.best_acc,
+            "rounds": st.round,
+            "wall_s": st.elapsed_s,
+        }
+
+
+def denormalise(x: torch.Tensor, ds: Dataset) -> np.ndarray:
+    """Normalised images back to [0, 1] pixels for display."""
+    mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1).detach().cpu().numpy()
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    d = Path(out)
+    return {
+        "dir": d,
+        "config": d / "config.json",
+        "metrics": d / "metrics.jsonl",
+        "summary": d / "summary.json",
+        "curves": d / "curves.png",
+        "samples": d / "samples.png",
+        "partition": d / "partition.png",
+    }

@@ -1,0 +1,57 @@
+"""Server-side aggregation rules and client selection (pure functions over tensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedftg.seeding import numpy_rng
+
+State = dict[str, torch.Tensor]
+
+
+def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:
+    """Average full model states (parameters AND BatchNorm buffers) with ``weights``.
+
+    Weights are normalised to sum to 1. Integer buffers (BatchNorm's step counters) are not
+    averaged: the largest value is kept.
+    """
+    if not states:
+        raise ValueError("weighted_average needs at least one state")
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    if w.numel() != len(states) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("weights must be non-negative, one per state, with a positive sum")
+    w = w / w.sum()
+    out: State = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            stacked = torch.stack([s[name] for s in states])
+            coef = w.to(dtype=stacked.dtype, device=stacked.device)
+            out[name] = torch.tensordot(coef, stacked, dims=1)
+        else:
+            out[name] = torch.stack([s[name] for s in states]).max(dim=0).values
+    return out
+
+
+def select_clients(
+    num_clients: int, participation: float, mode: str, seed: int, round_idx: int
+) -> np.ndarray:
+    """Sorted ids of the clients active in ``round_idx``.
+
+    ``fixed``: exactly max(1, round(participation * N)) clients drawn without replacement.
+    ``bernoulli``: each client active independently with probability ``participation``
+    (as the FedFTG authors' code), with at least one client. Seeded by (seed, round) so
+    every method of an experiment sees the same clients.
+    """
+    rng = numpy_rng(seed, "select", round_idx)
+    if mode == "fixed":
+        m = max(1, int(round(participation * num_clients)))
+        return np.sort(rng.choice(num_clients, size=m, replace=False))
+    if mode == "bernoulli":
+        active = np.flatnonzero(rng.random(num_clients) < participation)
+        if active.size == 0:
+            active = np.array([rng.integers(num_clients)])
+        return active
+    raise ValueError(f"unknown selection mode {mode!r}")

@@ -1,0 +1,366 @@
+"""Client methods: one local-training loop, with a per-method objective term and state.
+
+FedAvg, FedProx, SCAFFOLD, FedDyn and MOON differ only in (a) a term added to the local
+loss, (b) per-client / server state updated around local training, and (c) the server's
+aggregation rule. Each method is a small class with those hooks; `train_local` is the one
+loop they all share. Method state is plain dicts of tensors (checkpointable, and sendable
+over Flower).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedftg.data.batches import DeviceArrays, augment, epoch_batches, step_batches
+from fedftg.methods.aggregation import State, weighted_average
+
+# (features, logits) -> extra loss term
+Term = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Local-training hyper-parameters for one round (``lr`` already decayed)."""
+
+    lr: float
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 50
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    clip: float = 0.0
+    augment: bool = False
+
+
+@dataclass
+class LocalContext:
+    """What a client knows when it trains: the global model and the method states."""
+
+    global_state: State
+    client_state: dict[str, torch.Tensor]
+    server_state: dict[str, torch.Tensor]
+    num_clients: int = 1
+
+
+@dataclass
+class LocalResult:
+    """What a client uploads after local training."""
+
+    state: State
+    num_samples: int
+    steps: int
+    loss: float
+    upload: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def param_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def detached_state(model: nn.Module) -> State:
+    """A copy of the model's full state (parameters and buffers) detached from autograd."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class ClientMethod:
+    """FedAvg: no extra term, no state, sample-weighted average of full states."""
+
+    name = "fedavg"
+
+    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Server-side method state, created once per experiment."""
+        return {}
+
+    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A client's method state, created the first time it is selected."""
+        return {}
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        """Called before local training; returns the extra loss term (or None)."""
+        return None
+
+    def finish(
+        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
+        """Called after local training: update ``ctx.client_state``; return extra uploads."""
+        return {}
+
+    def aggregate(
+        self,
+        global_state: State,
+        results: Sequence[LocalResult],
+        server_state: dict[str, torch.Tensor],
+        num_clients: int,
+    ) -> State:
+        """The new global state from the round's uploads (may update ``server_state``)."""
+        return weighted_average([r.state for r in results], [r.num_samples for r in results])
+
+
+class FedProx(ClientMethod):
+    """FedProx (Li et al. 2020): proximal term mu/2 * ||w - w_global||^2."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        params = dict(model.named_parameters())
+        anchors = {n: ctx.global_state[n] for n in param_names(model)}
+
+        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * self.mu * _sq_dist(params, anchors)
+
+        return term
+
+
+class Scaffold(ClientMethod):
+    """SCAFFOLD (Karimireddy et al. 2020), option II control variates.
+
+    The gradient correction (c - c_k) is applied as the linear term <w, c - c_k>, whose
+    gradient is exactly that correction. After local training
+    c_k <- c_k - c + (w_global - w_k) / (steps * lr); the server moves
+    w <- w + server_lr * avg(w_k - w) and c <- c + (1/N) * sum of the clients' changes.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        params = dict(model.named_parameters())
+        correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
+        return lambda feats, logits, x: _dot(params, correction)
+
+    def finish(
+        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
+        delta = {}
+        scale = 1.0 / (max(steps, 1) * lr)
+        for n, p in model.named_parameters():
+            new_ck = ctx.client_state[n] - ctx.server_state[n]
+            new_ck = new_ck + (ctx.global_state[n] - p.detach()) * scale
+            delta[n] = new_ck - ctx.client_state[n]
+            ctx.client_state[n] = new_ck
+        return {"delta_c." + n: d for n, d in delta.items()}
+
+    def aggregate(
+        self,
+        global_state: State,
+        results: Sequence[LocalResult],
+        server_state: dict[str, torch.Tensor],
+        num_clients: int,
+    ) -> State:
+        avg = super().aggregate(global_state, results, server_state, num_clients)
+        for n in server_state:
+            avg[n] = global_state[n] + self.server_lr * (avg[n] - global_state[n])
+            total = sum(r.upload["delta_c." + n] for r in results)
+            server_state[n] = server_state[n] + total / num_clients
+        return avg
+
+
+class FedDyn(ClientMethod):
+    """FedDyn (Acar et al. 2021): dynamic regulariser.
+
+    Local objective: CE(w) - <g_k, w> + alpha/2 ||w - w_global||^2, with g_k (the client's
+    previous local gradient, zero at first) updated as g_k <- g_k - alpha (w_k - w_global).
+    Server: h <- h - alpha/N * sum_k (w_k - w_global) and w = avg_k(w_k) - h/alpha over the
+    parameters (BatchNorm buffers are plainly averaged).
+    """
+
+    name = "feddyn"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        params = dict(model.named_parameters())
+        anchors = {n: ctx.global_state[n] for n in param_names(model)}
+        grads = ctx.client_state
+
+        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return -_dot(params, grads) + 0.5 * self.alpha * _sq_dist(params, anchors)
+
+        return term
+
+    def finish(
+        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
+        for n, p in model.named_parameters():
+            ctx.client_state[n] = ctx.client_state[n] - self.alpha * (
+                p.detach() - ctx.global_state[n]
+            )
+        return {}
+
+    def aggregate(
+        self,
+        global_state: State,
+        results: Sequence[LocalResult],
+        server_state: dict[str, torch.Tensor],
+        num_clients: int,
+    ) -> State:
+        avg = super().aggregate(global_state, results, server_state, num_clients)
+        for n in server_state:
+            drift = sum(r.state[n] - global_state[n] for r in results)
+            server_state[n] = server_state[n] - self.alpha / num_clients * drift
+            avg[n] = avg[n] - server_state[n] / self.alpha
+        return avg
+
+
+class Moon(ClientMethod):
+    """MOON (Li et al. 2021): model-contrastive term on the representation.
+
+    mu * -log(exp(sim(z, z_glob)/tau) / (exp(sim(z, z_glob)/tau) + exp(sim(z, z_prev)/tau)))
+    with cosine similarity; the positive is the global model's representation, the
+    negative the client's previous local model's (the global model on its first round).
+    """
+
+    name = "moon"
+
+    def __init__(self, mu: float, tau: float) -> None:
+        self.mu = mu
+        self.tau = tau
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        global_net = _frozen_copy(model, ctx.global_state)
+        prev_net = _frozen_copy(model, ctx.client_state or ctx.global_state)
+
+        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                z_glob = global_net.features(x)
+                z_prev = prev_net.features(x)
+            return self.mu * moon_contrastive(feats, z_glob, z_prev, self.tau)
+
+        return term
+
+    def finish(
+        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
+        ctx.client_state.clear()
+        ctx.client_state.update(detached_state(model))
+        return {}
+
+
+def moon_contrastive(
+    z: torch.Tensor, z_pos: torch.Tensor, z_neg: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """MOON's contrastive loss (mean over the batch) with cosine similarity / tau."""
+    pos = F.cosine_similarity(z, z_pos, dim=-1) / tau
+    neg = F.cosine_similarity(z, z_neg, dim=-1) / tau
+    return -(pos - torch.logaddexp(pos, neg)).mean()
+
+
+def build_method(
+    name: str,
+    *,
+    prox_mu: float = 0.01,
+    scaffold_server_lr: float = 1.0,
+    feddyn_alpha: float = 0.01,
+    moon_mu: float = 1.0,
+    moon_tau: float = 0.5,
+) -> ClientMethod:
+    """The client method called ``name`` with its hyper-parameters."""
+    if name == "fedavg":
+        return ClientMethod()
+    if name == "fedprox":
+        return FedProx(prox_mu)
+    if name == "scaffold":
+        return Scaffold(scaffold_server_lr)
+    if name == "feddyn":
+        return FedDyn(feddyn_alpha)
+    if name == "moon":
+        return Moon(moon_mu, moon_tau)
+    raise ValueError(f"unknown client method {name!r}")
+
+
+def train_local(
+    model: nn.Module,
+    data: DeviceArrays,
+    indices: torch.Tensor,
+    method: ClientMethod,
+    ctx: LocalContext,
+    spec: LocalSpec,
+    gen: torch.Generator,
+) -> LocalResult:
+    """Train ``model`` from the global state on the client's ``indices``; the one loop.
+
+    Loss = mean cross-entropy + the method's term; SGD with weight decay and momentum,
+    gradient-norm clipping at ``spec.clip`` (0 = off).
+    """
+    model.load_state_dict(ctx.global_state)
+    model.train()
+    term = method.begin(model, ctx)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+    if spec.steps is not None:
+        batches = step_batches(indices, spec.batch_size, spec.steps, gen)
+    else:
+        batches = (
+            b for _ in range(spec.epochs) for b in epoch_batches(indices, spec.batch_size, gen)
+        )
+    steps, loss_sum = 0, 0.0
+    for idx in batches:
+        x, y = data.batch(idx)
+        if spec.augment:
+            x = augment(x, gen)
+        feats = model.features(x)
+        logits = model.classifier(feats)
+        loss = F.cross_entropy(logits, y)
+        if term is not None:
+            loss = loss + term(feats, logits, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
+        opt.step()
+        steps += 1
+        loss_sum += float(loss.detach())
+    upload = method.finish(model, ctx, steps, spec.lr)
+    return LocalResult(
+        state=detached_state(model),
+        num_samples=len(indices),
+        steps=steps,
+        loss=loss_sum / max(steps, 1),
+        upload=upload,
+    )
+
+
+def _zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
+
+
+def _dot(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum((params[n] * other[n]).sum() for n in other)  # type: ignore[return-value]
+
+
+def _sq_dist(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]
+
+
+def _frozen_copy(model: nn.Module, state: State) -> nn.Module:
+    net = copy.deepcopy(model)
+    net.load_state_dict(state)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
