@@ -89,7 +89,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in vars(ns).items():
-        if key in ("command", "config", "func", "progress", "heatmap"):
+        if key in ("command", "config", "func", "progress", "heatmap", "resume", "fresh"):
             continue
         section, dot, name = key.partition(".")
         if dot:
@@ -104,10 +104,14 @@ def _config(ns: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from fedftg.engine.run import run_experiment
+    from fedftg.engine.run import Interrupted, run_experiment
 
     cfg = _config(ns)
-    run_experiment(cfg, progress=ns.progress)
+    try:
+        run_experiment(cfg, progress=ns.progress, resume=ns.resume, fresh=ns.fresh)
+    except Interrupted as exc:
+        sys.stderr.write(f"interrupted: {exc}\n")
+        return 130
     return 0
 
 
@@ -151,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar on stderr [on when stderr is a terminal]",
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (error if its settings differ); "
+        "rerunning the same command also continues",
+    )
+    run.add_argument("--fresh", action="store_true", help="ignore any checkpoint in --out")
     _add_config_flags(run)
     run.set_defaults(func=cmd_run)
 

@@ -78,6 +78,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/latest"
+    checkpoint_every: int = 1
     # server plug-ins
     ftg: FTGConfig = field(default_factory=FTGConfig)
     df: FedDFConfig = field(default_factory=FedDFConfig)
@@ -110,6 +111,10 @@ class RunConfig:
         _positive_int("eval_every", self.eval_every)
         _positive_int("eval_batch_size", self.eval_batch_size)
         _positive_int("shards_per_client", self.shards_per_client)
+        if isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0:
+            raise UserError(
+                f"checkpoint_every: must be >= 0 (0 = off), got {self.checkpoint_every}"
+            )
         if self.local_steps is not None:
             _positive_int("local_steps", self.local_steps)
         if self.samples_per_client is not None:

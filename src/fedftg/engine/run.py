@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 import fedftg
 from fedftg.config import RunConfig
+from fedftg.engine.checkpoint import config_fingerprint, load_latest, save_checkpoint
 from fedftg.engine.simulation import MethodRunner, Setup, denormalise, output_paths, prepare
-from fedftg.report.files import MetricsLog, read_metrics, write_json
+from fedftg.errors import UserError
+from fedftg.report.files import MetricsLog, atomic_write, read_metrics, write_json
 from fedftg.report.plots import plot_curves, plot_samples
 from fedftg.report.progress import Progress
 
@@ -27,36 +33,117 @@ def environment() -> dict[str, Any]:
     }
 
 
+def make_out_dir(path: Path) -> None:
+    """Create the run directory; a path that cannot be a directory is a `UserError`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"out: {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise UserError(f"out: cannot create {path} ({exc.strerror or exc})") from None
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag: the current round finishes, a checkpoint is written, and
+    the run stops. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.raised: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised is not None:
+            raise KeyboardInterrupt
+        self.raised = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after checkpointing its last completed round."""
+
+
 def run_experiment(
-    cfg: RunConfig, *, stream: TextIO | None = None, progress: bool | None = None
+    cfg: RunConfig,
+    *,
+    stream: TextIO | None = None,
+    progress: bool | None = None,
+    resume: bool = False,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write config.json, metrics.jsonl, summary.json, plots.
 
+    A checkpoint in the run directory written by the same settings is continued from its
+    last completed round (``fresh`` ignores it). With ``resume`` a checkpoint from other
+    settings is an error; without it, such a run directory is started afresh.
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
     """
     stream = stream or sys.stdout
     paths = output_paths(cfg.out)
-    paths["dir"].mkdir(parents=True, exist_ok=True)
+    make_out_dir(paths["dir"])
+    ckpt_path = paths["dir"] / "checkpoint.pt"
+    fingerprint = config_fingerprint(cfg.to_dict())
+    saved = None
+    if not fresh:
+        saved, warnings = load_latest(ckpt_path)
+        for w in warnings:
+            sys.stderr.write(f"warning: {w}\n")
+        if saved is not None and saved["fingerprint"] != fingerprint:
+            if resume:
+                raise UserError(
+                    f"{ckpt_path}: checkpoint was written by a run with other settings; "
+                    "use the same settings, another --out, or --fresh"
+                )
+            saved = None
+    if resume and saved is None:
+        sys.stderr.write(f"warning: no checkpoint in {paths['dir']}; starting afresh\n")
     setup = prepare(cfg)
     write_json(paths["config"], {**cfg.to_dict(), "environment": environment()})
-    paths["metrics"].unlink(missing_ok=True)
+    done: dict[str, Any] = dict(saved["done"]) if saved else {}
+    _trim_metrics(paths["metrics"], saved)
     log = MetricsLog(paths["metrics"])
     summary: dict[str, Any] = {"methods": {}}
     sample_written = False
-    for display, base, plugin in cfg.methods():
-        runner = MethodRunner(setup, base, plugin)
-        bar = Progress(cfg.rounds, display, enabled=progress)
-        for _ in range(cfg.rounds):
-            record = runner.run_round()
-            log.append({"method": display, **record})
-            bar.update(runner.state.round, runner.state.last_acc)
-        bar.close()
-        summary["methods"][display] = runner.summary()
-        if hasattr(runner.plugin, "sample_images"):
-            _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png")
-            if not sample_written:
-                _write_samples(runner, setup, paths["samples"])
-                sample_written = True
+    with _StopFlag() as stop:
+        for display, base, plugin in cfg.methods():
+            if display in done:  # finished before the resume: its outputs are written
+                summary["methods"][display] = done[display]
+                continue
+            runner = MethodRunner(setup, base, plugin)
+            if saved is not None and saved["current"] == display:
+                runner.restore(saved["state"])
+            bar = Progress(cfg.rounds, display, enabled=progress)
+            while runner.state.round < cfg.rounds:
+                record = runner.run_round()
+                log.append({"method": display, **record})
+                bar.update(runner.state.round, runner.state.last_acc)
+                every = cfg.checkpoint_every
+                finished = runner.state.round == cfg.rounds
+                if finished:
+                    done[display] = runner.summary()
+                if stop.raised or (every and (runner.state.round % every == 0 or finished)):
+                    _save(ckpt_path, fingerprint, done, display, runner.checkpoint_state())
+                if stop.raised:
+                    bar.close()
+                    raise Interrupted(
+                        f"stopped after round {runner.state.round} of {display}; "
+                        "rerun the same command to continue"
+                    )
+            bar.close()
+            summary["methods"][display] = runner.summary()
+            if hasattr(runner.plugin, "sample_images"):
+                _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png")
+                if not sample_written:
+                    _write_samples(runner, setup, paths["samples"])
+                    sample_written = True
     summary["config"] = cfg.to_dict()
     summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(paths["summary"], summary)
@@ -65,6 +152,24 @@ def run_experiment(
     stream.write(format_table(summary["methods"]) + "\n")
     stream.write(f"results in {paths['dir']}\n")
     return summary
+
+
+def _save(path: Path, fingerprint: str, done: dict, current: str, state: dict) -> None:
+    save_checkpoint(
+        path, {"fingerprint": fingerprint, "done": done, "current": current, "state": state}
+    )
+
+
+def _trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
+    """Keep only the metrics the checkpoint accounts for (none without a checkpoint)."""
+    if saved is None:
+        path.unlink(missing_ok=True)
+        return
+    rounds = {name: done["rounds"] for name, done in saved["done"].items()}
+    rounds[saved["current"]] = saved["state"]["round"]
+    kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def _write_samples(runner: MethodRunner, setup: Setup, path: Any) -> None:

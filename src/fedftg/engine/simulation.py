@@ -287,6 +287,38 @@ class MethodRunner:
             net.eval()
         return self._teachers[: len(results)]
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue this method after its last completed round."""
+        st = self.state
+        return {
+            "global_state": st.global_state,
+            "server_state": st.server_state,
+            "client_states": {str(k): v for k, v in st.client_states.items()},
+            "plugin": self.plugin.state_dict() if self.plugin is not None else {},
+            "round": st.round,
+            "elapsed_s": st.elapsed_s,
+            "best_acc": st.best_acc,
+            "last_acc": st.last_acc,
+            "last_loss": st.last_loss,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from `checkpoint_state` output (tensors are moved to this device)."""
+        dev = self.setup.device
+        self.state = MethodState(
+            global_state=_to(saved["global_state"], dev),
+            server_state=_to(saved["server_state"], dev),
+            client_states={int(k): _to(v, dev) for k, v in saved["client_states"].items()},
+            round=int(saved["round"]),
+            elapsed_s=float(saved["elapsed_s"]),
+            best_acc=float(saved["best_acc"]),
+            last_acc=saved["last_acc"],
+            last_loss=saved["last_loss"],
+        )
+        self.model.load_state_dict(self.state.global_state)
+        if self.plugin is not None:
+            self.plugin.load_state_dict(saved["plugin"])
+
     def summary(self) -> dict[str, Any]:
         st = self.state
         return {
@@ -296,6 +328,10 @@ class MethodRunner:
             "rounds": st.round,
             "wall_s": st.elapsed_s,
         }
+
+
+def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def denormalise(x: torch.Tensor, ds: Dataset) -> np.ndarray:

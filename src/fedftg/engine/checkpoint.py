@@ -1,0 +1,80 @@
+"""Crash-safe checkpoints: checksummed, written atomically, loaded without running pickled code.
+
+File layout: an 8-byte magic, the 32-byte SHA-256 of the payload, then the payload as
+written by `torch.save` (plain dicts of tensors, numbers and strings only). Loading checks
+the magic and the checksum before `torch.load(weights_only=True)` touches the bytes, so a
+truncated or corrupt file is detected and reported. The previous good checkpoint is kept
+beside the current one (`.prev`) and used when the current one is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedftg.errors import UserError
+from fedftg.report.files import atomic_write
+
+MAGIC = b"FEDFTGC1"
+# settings that may change between a run and its resume without changing the results
+RESUMABLE_CHANGES = ("out", "device", "eval_batch_size", "checkpoint_every")
+
+
+def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
+    """A hash of the settings that determine a run's numbers."""
+    kept = {k: v for k, v in cfg_dict.items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` atomically; the file it replaces becomes ``<path>.prev``."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    blob = MAGIC + hashlib.sha256(data).digest() + data
+    target = Path(path)
+    if target.exists():
+        os.replace(target, _prev(target))
+    return atomic_write(target, lambda p: p.write_bytes(blob))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and verify one checkpoint file; any damage is a `UserError` naming the path."""
+    p = Path(path)
+    try:
+        blob = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read checkpoint ({exc.strerror or exc})") from None
+    head = len(MAGIC) + 32
+    if len(blob) < head or blob[: len(MAGIC)] != MAGIC:
+        raise UserError(f"{p}: not a fedftg checkpoint (bad header)")
+    data = blob[head:]
+    if hashlib.sha256(data).digest() != blob[len(MAGIC) : head]:
+        raise UserError(f"{p}: checkpoint is truncated or corrupt (checksum mismatch)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(f"{p}: checkpoint cannot be loaded ({exc})") from None
+
+
+def load_latest(path: str | Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest good checkpoint at ``path`` (falling back to ``.prev``), and warnings."""
+    warnings: list[str] = []
+    for candidate in (Path(path), _prev(Path(path))):
+        if not candidate.exists():
+            continue
+        try:
+            return read_checkpoint(candidate), warnings
+        except UserError as exc:
+            warnings.append(str(exc))
+    return None, warnings
+
+
+def _prev(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")

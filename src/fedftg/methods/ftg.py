@@ -1,0 +1,334 @@
+"""FedFTG's server step: data-free fine-tuning of the aggregated model (Zhang et al. 2022).
+
+After aggregation, a conditional generator G(z, y) is trained to produce *hard* samples,
+on which the global model (student) disagrees most with the participating clients'
+ensemble (teacher) while staying classifiable by each client (fidelity) and diverse; the
+student is then distilled from the class-level weighted ensemble on those samples. The
+maths is in pure functions below; `FTGServer` runs the authors' schedule with them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedftg.errors import UserError
+from fedftg.models.generator import ConditionalGenerator
+from fedftg.seeding import derive_seed
+
+# ----------------------------------------------------------------------- pure maths
+
+
+def sample_labels(
+    class_counts: np.ndarray | torch.Tensor,
+    iterations: int,
+    batch_size: int,
+    gen: torch.Generator,
+    mode: str = "customized",
+) -> torch.Tensor:
+    """Labels for the I iterations of a round, as an (I, B) LongTensor.
+
+    customized (the paper's "customized label sampling"): the I*B slots are filled in
+    proportion to the participants' class counts. As in the authors' code, slot ranges
+    come from the floored cumulative proportions, so every slot is filled and each class
+    gets its floor share give or take one; a class nobody holds gets no slot. The slots
+    are shuffled and cut into I batches. uniform (the ablation): every slot draws a class
+    uniformly from all classes.
+    """
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+    total = iterations * batch_size
+    num_classes = counts.numel()
+    if mode == "uniform":
+        labels = torch.randint(0, num_classes, (total,), generator=gen, device=gen.device)
+        return labels.view(iterations, batch_size).cpu()
+    if mode != "customized":
+        raise ValueError(f"unknown label sampling {mode!r}")
+    if counts.sum() <= 0:
+        raise ValueError("customized label sampling needs at least one sample")
+    bounds = torch.floor(torch.cumsum(counts / counts.sum(), 0) * total).long()
+    bounds[-1] = total
+    sizes = torch.diff(bounds, prepend=torch.zeros(1, dtype=torch.long))
+    labels = torch.repeat_interleave(torch.arange(num_classes), sizes)
+    perm = torch.randperm(total, generator=gen, device=gen.device).cpu()
+    return labels[perm].view(iterations, batch_size)
+
+
+def class_weights(counts: np.ndarray | torch.Tensor, mode: str = "class") -> torch.Tensor:
+    """Teacher weights alpha_k^c, shape (K, C).
+
+    class (the paper's class-level ensemble): alpha_k^c = n_k^c / (n^c + 1e-6), so for a
+    class c the clients that hold it share the vote by their amount of c and a client
+    without c has no say. uniform (the ablation): 1/K everywhere.
+    """
+    n = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
+    if mode == "uniform":
+        return torch.full_like(n, 1.0 / n.shape[0])
+    if mode != "class":
+        raise ValueError(f"unknown ensemble {mode!r}")
+    return n / (n.sum(dim=0, keepdim=True) + 1e-6)
+
+
+def md_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    sample_weights: torch.Tensor,
+    distance: str = "l1",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Hard-sample mining term: minus the weighted student-teacher gap (teacher detached).
+
+    Minimising it pushes the generator toward samples where the student disagrees with the
+    teacher. l1 (authors' code): -mean_b(w_b * mean_c |s - t|). kl (an option, as in
+    third-party re-implementations): -mean_b(w_b * T^2 * KL(softmax(t/T) || softmax(s/T))).
+    """
+    t = teacher_logits.detach()
+    if distance == "l1":
+        gap = (student_logits - t).abs().mean(dim=1)
+    elif distance == "kl":
+        log_s = F.log_softmax(student_logits / temperature, dim=1)
+        log_t = F.log_softmax(t / temperature, dim=1)
+        gap = (log_t.exp() * (log_t - log_s)).sum(dim=1) * temperature**2
+    else:
+        raise ValueError(f"unknown md distance {distance!r}")
+    return -(sample_weights * gap).mean()
+
+
+def cls_loss(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, sample_weights: torch.Tensor
+) -> torch.Tensor:
+    """Fidelity term: the teacher should classify G(z, y) as y.
+
+    The authors multiply the batch-mean cross-entropy by the per-sample weights and then
+    average, which equals CE * mean(w); that is what is computed here.
+    """
+    return F.cross_entropy(teacher_logits, labels) * sample_weights.mean()
+
+
+def diversity_loss(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Diversity term exp(-mean_{i,j} [mean((z_i - z_j)^2) * mean|x_i - x_j|]).
+
+    All B*B pairs, the diagonal included, as in the authors' code: inputs that are far
+    apart in noise space should give images that are far apart.
+    """
+    b = z.shape[0]
+    dz = torch.cdist(z.reshape(b, -1), z.reshape(b, -1), p=2).pow(2) / z[0].numel()
+    flat = x.reshape(b, -1)
+    dx = torch.cdist(flat, flat, p=1) / flat.shape[1]
+    return torch.exp(-(dz * dx).mean())
+
+
+def ensemble_target(teacher_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Teacher distribution p_b = sum_k w_kb softmax(t_k(x_b)); logits (K,B,C), weights (K,B)."""
+    return (weights.unsqueeze(-1) * F.softmax(teacher_logits, dim=-1)).sum(dim=0)
+
+
+def distill_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy averaged over batch AND classes (the authors' scaling, CE / C)."""
+    return -(target * F.log_softmax(student_logits, dim=1)).mean()
+
+
+# ---------------------------------------------------------------------- the server step
+
+
+@dataclass
+class FTGConfig:
+    """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
+
+    iterations: int = 10
+    gen_steps: int = 1
+    student_steps: int = 5
+    batch_size: int = 50
+    nz: int = 100
+    ngf: int = 64
+    gen_lr: float = 0.01
+    student_lr: float = 0.1
+    lr_decay: float = 0.998
+    student_weight_decay: float = 1e-3
+    lambda_cls: float = 1.0
+    lambda_dis: float = 1.0
+    md_distance: str = "l1"
+    temperature: float = 1.0
+    label_sampling: str = "customized"
+    ensemble: str = "class"
+    hard_mining: bool = True
+
+    def validate(self) -> FTGConfig:
+        for name in ("iterations", "student_steps", "batch_size", "nz", "ngf"):
+            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
+        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        for name in ("gen_lr", "student_lr", "lr_decay", "temperature"):
+            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
+        for name in ("student_weight_decay", "lambda_cls", "lambda_dis"):
+            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
+        _check("batch_size", self.batch_size, lambda v: v >= 2, ">= 2 (BatchNorm)")
+        _one_of("md_distance", self.md_distance, ("l1", "kl"))
+        _one_of("label_sampling", self.label_sampling, ("customized", "uniform"))
+        _one_of("ensemble", self.ensemble, ("class", "uniform"))
+        return self
+
+
+def _check(name: str, value: object, ok, what: str) -> None:
+    try:
+        good = not isinstance(value, bool) and bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise UserError(f"{name}: must be {what}, got {value!r}")
+
+
+def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(valid)}")
+
+
+class _Frozen:
+    """Teachers used without touching them: no parameter gradients, modes restored after."""
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        self.nets = list(nets)
+
+    def __enter__(self) -> list[nn.Module]:
+        self._flags = [[p.requires_grad for p in n.parameters()] for n in self.nets]
+        self._modes = [n.training for n in self.nets]
+        for n in self.nets:
+            n.eval()
+            n.requires_grad_(False)
+        return self.nets
+
+    def __exit__(self, *exc: object) -> None:
+        for n, flags, mode in zip(self.nets, self._flags, self._modes, strict=True):
+            for p, f in zip(n.parameters(), flags, strict=True):
+                p.requires_grad_(f)
+            n.train(mode)
+
+
+class FTGServer:
+    """Runs FedFTG's server step each round; owns the generator, which persists."""
+
+    def __init__(
+        self,
+        cfg: FTGConfig,
+        num_classes: int,
+        channels: int,
+        image_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "generator"))
+            self.generator = ConditionalGenerator(
+                cfg.nz, num_classes, channels, image_size, cfg.ngf
+            ).to(self.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's parameters and BatchNorm buffers."""
+        return {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.load_state_dict(state)
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.num_classes).float()
+
+    def step(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        counts: np.ndarray,
+        round_idx: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
+        """Fine-tune ``student`` in place from ``teachers`` with label histograms ``counts``.
+
+        The student is left in eval mode. Returns the round's mean loss terms.
+        """
+        cfg, dev = self.cfg, self.device
+        k = len(teachers)
+        decay = cfg.lr_decay**round_idx
+        opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=cfg.gen_lr * decay, betas=(0.9, 0.999)
+        )
+        opt_s = torch.optim.SGD(
+            student.parameters(),
+            lr=cfg.student_lr * decay,
+            momentum=0.0,
+            weight_decay=cfg.student_weight_decay,
+        )
+        counts_t = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
+        alpha = class_weights(counts_t, cfg.ensemble).to(dev)  # (K, C)
+        labels = sample_labels(
+            counts_t.sum(0).numpy(), cfg.iterations, cfg.batch_size, generator, cfg.label_sampling
+        ).to(dev)
+        sums = dict.fromkeys(("loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"), 0.0)
+        n_gen = 0
+        with _Frozen(teachers) as nets:
+            for it in range(cfg.iterations):
+                y = labels[it]
+                z = torch.randn(
+                    cfg.batch_size, cfg.nz, generator=generator, device=generator.device
+                ).to(dev)
+                onehot = self._onehot(y)
+                w = alpha[:, y]  # (K, B): teacher k's weight on each sample
+                # generator: one Adam step per participating client, in turn
+                student.eval()
+                self.generator.train()
+                for _ in range(cfg.gen_steps):
+                    for j, net in enumerate(nets):
+                        x = self.generator(z, onehot)
+                        t = net(x)
+                        s = student(x)
+                        l_md = (
+                            md_loss(s, t, w[j], cfg.md_distance, cfg.temperature)
+                            if cfg.hard_mining
+                            else x.new_zeros(())
+                        )
+                        l_cls = cls_loss(t, y, w[j])
+                        l_dis = diversity_loss(z, x)
+                        loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
+                        opt_g.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt_g.step()
+                        student.zero_grad(set_to_none=True)
+                        n_gen += 1
+                        sums["loss_md"] += float(l_md.detach())
+                        sums["loss_cls"] += float(l_cls.detach())
+                        sums["loss_dis"] += float(l_dis.detach())
+                        sums["loss_gen"] += float(loss.detach())
+                # student: G frozen and teachers in eval mode, so the samples and the
+                # teacher target are the same in all student steps: computed once.
+                self.generator.eval()
+                with torch.no_grad():
+                    x = self.generator(z, onehot)
+                    target = ensemble_target(torch.stack([net(x) for net in nets]), w)
+                student.train()
+                for _ in range(cfg.student_steps):
+                    loss = distill_loss(student(x), target)
+                    opt_s.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_s.step()
+                    sums["loss_distill"] += float(loss.detach())
+        student.eval()
+        out = {key: v / max(n_gen, 1) for key, v in sums.items() if key != "loss_distill"}
+        out["loss_distill"] = sums["loss_distill"] / (cfg.iterations * cfg.student_steps)
+        return out
+
+    @torch.no_grad()
+    def sample_images(
+        self, per_class: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` generated images of every class (normalised scale) and labels."""
+        y = torch.arange(self.num_classes).repeat_interleave(per_class).to(self.device)
+        z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
+            self.device
+        )
+        g = copy.deepcopy(self.generator).eval()
+        return g(z, self._onehot(y)), y

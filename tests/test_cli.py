@@ -1,0 +1,166 @@
+"""The `fedftg` command's contract: output files, and exit 2 with one `error:` line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedftg.cli import main
+from fedftg.config import RunConfig, build_config, config_from_dict
+from fedftg.errors import UserError
+
+FAST = ["--rounds", "2", "--clients", "4", "--local-epochs", "1", "--participation", "1"]
+
+
+def _run(capsys, args: list[str]) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_writes_the_contract_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(capsys, ["run", *FAST, "--method", "fedavg,fedprox", "--out", str(out)])
+    assert code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["clients"] == 4 and cfg["method"] == ["fedavg", "fedprox"]
+    assert cfg["environment"]["torch"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in records] == [
+        ("fedavg", 1),
+        ("fedavg", 2),
+        ("fedprox", 1),
+        ("fedprox", 2),
+    ]
+    for r in records:
+        assert 0 <= r["test_acc"] <= 1 and r["test_loss"] > 0 and r["elapsed_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("fedavg", "fedprox"):
+        s = summary["methods"][name]
+        assert (
+            s["rounds"] == 2
+            and s["final_acc"] == records[-1 if name == "fedprox" else 1]["test_acc"]
+        )
+        assert s["best_acc"] >= s["final_acc"] and s["wall_s"] > 0
+    assert summary["config"]["rounds"] == 2
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fedavg" in stdout and "final acc" in stdout
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_same_seed_same_metrics(tmp_path, capsys):
+    args = ["run", *FAST, "--method", "fedavg", "--seed", "7"]
+    _run(capsys, [*args, "--out", str(tmp_path / "a")])
+    _run(capsys, [*args, "--out", str(tmp_path / "b")])
+
+    def accs(d):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [(json.loads(x)["test_acc"], json.loads(x)["test_loss"]) for x in lines]
+
+    assert accs("a") == accs("b")
+
+
+BAD = [
+    (["--dataset", "nope"], "dataset"),
+    (["--method", "fedsgd"], "method"),
+    (["--method", "fedavg+xyz"], "method"),
+    (["--alpha", "0"], "alpha"),
+    (["--alpha", "-1"], "alpha"),
+    (["--participation", "1.5"], "participation"),
+    (["--participation", "0"], "participation"),
+    (["--clients", "100000"], "clients"),
+    (["--clients", "abc"], "clients"),
+    (["--rounds", "0"], "rounds"),
+    (["--partition", "weird"], "partition"),
+    (["--ftg-iterations", "0"], "ftg.iterations"),
+    (["--model", "vgg"], "vgg"),
+    (["--no-such-flag", "1"], "no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("args", "names"), BAD)
+def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, names):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("good")
+    code, _, err = _run(capsys, ["run", *args, "--out", str(out)])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0], err
+    assert (out / "summary.json").read_text() == "good"
+
+
+def test_missing_dataset_offline_names_the_path(tmp_path, capsys):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    args = ["run", "--dataset", "mnist", "--data-dir", str(empty), "--no-download"]
+    code, _, err = _run(capsys, [*args, "--out", str(tmp_path / "o")])
+    assert code == 2 and err.startswith("error:") and str(empty) in err
+
+
+def test_unreadable_and_invalid_config_files(tmp_path, capsys):
+    missing = tmp_path / "missing.toml"
+    code, _, err = _run(capsys, ["run", "--config", str(missing)])
+    assert code == 2 and str(missing) in err and err.startswith("error:")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    code, _, err = _run(capsys, ["run", "--config", str(bad)])
+    assert code == 2 and str(bad) in err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("roundz = 3\n")
+    code, _, err = _run(capsys, ["run", "--config", str(unknown)])
+    assert code == 2 and "roundz" in err
+
+
+def test_config_file_then_flags_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('rounds = 7\nmethod = ["scaffold"]\nalpha = 0.3\n[ftg]\niterations = 4\n')
+    cfg = build_config(f, {"alpha": "0.9"})
+    assert cfg.rounds == 7 and cfg.method == ["scaffold"] and cfg.alpha == 0.9
+    assert cfg.ftg.iterations == 4
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_method_names_and_alias():
+    cfg = RunConfig(method=["fedftg", "scaffold+ftg", "fedavg+df", "moon"]).validate()
+    assert cfg.methods() == [
+        ("fedftg", "fedavg", "ftg"),
+        ("scaffold+ftg", "scaffold", "ftg"),
+        ("fedavg+df", "fedavg", "df"),
+        ("moon", "moon", None),
+    ]
+    with pytest.raises(UserError, match="method"):
+        RunConfig(method=["fedavg", "fedavg"]).validate()
+
+
+def test_console_entry_point_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedftg.cli", "run", "--alpha", "nan", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: alpha") and "Traceback" not in proc.stderr
+
+
+def test_partition_command_prints_stats_and_writes_heatmap(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    code, out, _ = _run(
+        capsys, ["partition", "--clients", "6", "--alpha", "0.1", "--heatmap", str(png)]
+    )
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert str(png) in out
+
+
+def test_output_dir_is_a_file_is_an_error(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, _, err = _run(capsys, ["run", *FAST, "--method", "fedavg", "--out", str(f)])
+    assert code == 2 and str(f) in err
