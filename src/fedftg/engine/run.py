@@ -150,6 +150,8 @@ def run_experiment(
     title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
     plot_curves(read_metrics(paths["metrics"]), paths["curves"], title)
     stream.write(format_table(summary["methods"]) + "\n")
+    for line in plugin_gains(cfg, summary["methods"]):
+        stream.write(line + "\n")
     stream.write(f"results in {paths['dir']}\n")
     return summary
 
@@ -198,3 +200,21 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
             f"{s['wall_s']:>8.1f}"
         )
     return "\n".join(lines)
+
+
+def plugin_gains(cfg: RunConfig, methods: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per server plug-in run whose base method ran too: the accuracy difference."""
+    by_base = {(b, p): name for name, b, p in cfg.methods()}
+    lines = []
+    for (base, plugin), name in by_base.items():
+        plain = by_base.get((base, None))
+        if plugin is None or plain is None:
+            continue
+        a, b = methods[name], methods[plain]
+        if a["final_acc"] is None or b["final_acc"] is None:
+            continue
+        lines.append(
+            f"{name} vs {plain}: {100 * (a['final_acc'] - b['final_acc']):+.2f} points final, "
+            f"{100 * (a['best_acc'] - b['best_acc']):+.2f} points best accuracy"
+        )
+    return lines
