@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-from fedftg.config import SECTIONS, RunConfig, build_config
+from fedftg.config import SECTIONS, RunConfig, build_config, config_from_dict
 from fedftg.errors import UserError
 
 EXIT_USAGE = 2
@@ -86,10 +88,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+IGNORED_KEYS = {
+    "command",
+    "config",
+    "config_json",
+    "func",
+    "progress",
+    "heatmap",
+    "resume",
+    "fresh",
+    "quiet",
+    "verbose",
+    "tensorboard",
+    "grid",
+    "jobs",
+    "report",
+    "target",
+    "runs",
+}
+
+
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in vars(ns).items():
-        if key in ("command", "config", "func", "progress", "heatmap", "resume", "fresh"):
+        if key in IGNORED_KEYS:
             continue
         section, dot, name = key.partition(".")
         if dot:
@@ -100,15 +122,57 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(ns: argparse.Namespace) -> RunConfig:
+    if getattr(ns, "config_json", None):  # used by `fedftg sweep` for its child runs
+        return config_from_dict(json.loads(ns.config_json))
     return build_config(getattr(ns, "config", None), _overrides(ns))
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from fedftg.config import apply_overrides, load_config_file
+    from fedftg.engine.sweep import parse_grid, run_sweep
+
+    values = load_config_file(ns.config) if ns.config else {}
+    grid = parse_grid(values.pop("grid", {}))
+    grid.update(parse_grid(ns.grid or []))
+    cfg = apply_overrides(RunConfig(), values, where=f"{ns.config}: " if ns.config else "")
+    cfg = apply_overrides(cfg, _overrides(ns)).validate()
+    results = run_sweep(cfg, grid, jobs=ns.jobs)
+    for r in results:
+        print(f"{r['name']:<40} {r['status']}  ({r['out']})")
+    failed = [r for r in results if r["status"].startswith("failed")]
+    if failed:
+        sys.stderr.write(f"error: {len(failed)} run(s) failed; see {failed[0]['log']}\n")
+        return 1
+    if ns.report:
+        from fedftg.report.report import build_report
+
+        md = build_report([cfg.out], Path(cfg.out) / "report", target=ns.target)
+        print(f"report written to {md}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from fedftg.report.report import build_report
+
+    md = build_report(ns.runs, ns.out, target=ns.target)
+    print(f"report written to {md}")
+    return 0
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from fedftg.engine.run import Interrupted, run_experiment
 
     cfg = _config(ns)
+    verbosity = 0 if ns.quiet else 2 if ns.verbose else 1
     try:
-        run_experiment(cfg, progress=ns.progress, resume=ns.resume, fresh=ns.fresh)
+        run_experiment(
+            cfg,
+            progress=ns.progress,
+            resume=ns.resume,
+            fresh=ns.fresh,
+            verbosity=verbosity,
+            tensorboard=ns.tensorboard,
+        )
     except Interrupted as exc:
         sys.stderr.write(f"interrupted: {exc}\n")
         return 130
@@ -162,8 +226,38 @@ def build_parser() -> argparse.ArgumentParser:
         "rerunning the same command also continues",
     )
     run.add_argument("--fresh", action="store_true", help="ignore any checkpoint in --out")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--verbose", action="store_true", help="one line per round on stderr")
+    run.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard scalars to --out"
+    )
+    run.add_argument("--config-json", help=argparse.SUPPRESS)
     _add_config_flags(run)
     run.set_defaults(func=cmd_run)
+
+    sweep = subs.add_parser(
+        "sweep", help="a grid of runs (e.g. alpha x seed), skipping finished ones"
+    )
+    sweep.add_argument("--config", metavar="FILE", help="TOML settings; a [grid] table sweeps")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="values to sweep, e.g. --grid alpha=0.1,0.5 --grid seed=0,1,2 (repeatable)",
+    )
+    sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes [1]")
+    sweep.add_argument("--report", action="store_true", help="write OUT/report when done")
+    sweep.add_argument("--target", type=float, default=0.8, help="target accuracy [0.8]")
+    _add_config_flags(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    rep = subs.add_parser("report", help="tables and figures over run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (searched recursively)")
+    rep.add_argument("--out", default="report", help="output folder [report]")
+    rep.add_argument(
+        "--target", type=float, default=0.8, help="accuracy for 'rounds to target' [0.8]"
+    )
+    rep.set_defaults(func=cmd_report)
 
     part = subs.add_parser("partition", help="print per-client statistics, write a heatmap")
     part.add_argument("--config", metavar="FILE", help="TOML file of settings (flags override)")

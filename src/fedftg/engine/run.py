@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,22 +16,43 @@ import torch
 
 import fedftg
 from fedftg.config import RunConfig
+from fedftg.data.partition import partition_stats
 from fedftg.engine.checkpoint import config_fingerprint, load_latest, save_checkpoint
 from fedftg.engine.simulation import MethodRunner, Setup, denormalise, output_paths, prepare
 from fedftg.errors import UserError
 from fedftg.report.files import MetricsLog, atomic_write, read_metrics, write_json
+from fedftg.report.heatmap import save_partition_heatmap
 from fedftg.report.plots import plot_curves, plot_samples
 from fedftg.report.progress import Progress
 
 
-def environment() -> dict[str, Any]:
+def environment(cfg: RunConfig) -> dict[str, Any]:
     """The reproducibility record stored beside the config."""
+    device = cfg.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return {
         "fedftg": fedftg.__version__,
+        "git_commit": _git_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "seed": cfg.seed,
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the fedftg source tree, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def make_out_dir(path: Path) -> None:
@@ -78,15 +100,21 @@ def run_experiment(
     progress: bool | None = None,
     resume: bool = False,
     fresh: bool = False,
+    verbosity: int = 1,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write config.json, metrics.jsonl, summary.json, plots.
 
     A checkpoint in the run directory written by the same settings is continued from its
     last completed round (``fresh`` ignores it). With ``resume`` a checkpoint from other
     settings is an error; without it, such a run directory is started afresh.
+    ``verbosity``: 0 prints nothing, 1 the results table, 2 also one line per round on
+    stderr. ``tensorboard`` also writes the round metrics as TensorBoard scalars.
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
     """
     stream = stream or sys.stdout
+    if verbosity == 0:
+        progress = False
     paths = output_paths(cfg.out)
     make_out_dir(paths["dir"])
     ckpt_path = paths["dir"] / "checkpoint.pt"
@@ -106,12 +134,19 @@ def run_experiment(
     if resume and saved is None:
         sys.stderr.write(f"warning: no checkpoint in {paths['dir']}; starting afresh\n")
     setup = prepare(cfg)
-    write_json(paths["config"], {**cfg.to_dict(), "environment": environment()})
+    write_json(paths["config"], {**cfg.to_dict(), "environment": environment(cfg)})
+    save_partition_heatmap(
+        setup.partition.counts,
+        paths["partition"],
+        list(setup.dataset.classes),
+        f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+    )
     done: dict[str, Any] = dict(saved["done"]) if saved else {}
     _trim_metrics(paths["metrics"], saved)
     log = MetricsLog(paths["metrics"])
     summary: dict[str, Any] = {"methods": {}}
     sample_written = False
+    board = TensorBoard(paths["dir"] / "tensorboard") if tensorboard else None
     with _StopFlag() as stop:
         for display, base, plugin in cfg.methods():
             if display in done:  # finished before the resume: its outputs are written
@@ -125,6 +160,10 @@ def run_experiment(
                 record = runner.run_round()
                 log.append({"method": display, **record})
                 bar.update(runner.state.round, runner.state.last_acc)
+                if board is not None:
+                    board.add(display, record)
+                if verbosity >= 2:
+                    sys.stderr.write(_round_line(display, record) + "\n")
                 every = cfg.checkpoint_every
                 finished = runner.state.round == cfg.rounds
                 if finished:
@@ -144,15 +183,19 @@ def run_experiment(
                 if not sample_written:
                     _write_samples(runner, setup, paths["samples"])
                     sample_written = True
+    if board is not None:
+        board.close()
+    summary["partition"] = partition_stats(setup.partition)
     summary["config"] = cfg.to_dict()
     summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(paths["summary"], summary)
     title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
     plot_curves(read_metrics(paths["metrics"]), paths["curves"], title)
-    stream.write(format_table(summary["methods"]) + "\n")
-    for line in plugin_gains(cfg, summary["methods"]):
-        stream.write(line + "\n")
-    stream.write(f"results in {paths['dir']}\n")
+    if verbosity >= 1:
+        stream.write(format_table(summary["methods"]) + "\n")
+        for line in plugin_gains(cfg, summary["methods"]):
+            stream.write(line + "\n")
+        stream.write(f"results in {paths['dir']}\n")
     return summary
 
 
@@ -218,3 +261,40 @@ def plugin_gains(cfg: RunConfig, methods: dict[str, dict[str, Any]]) -> list[str
             f"{100 * (a['best_acc'] - b['best_acc']):+.2f} points best accuracy"
         )
     return lines
+
+
+def _round_line(method: str, record: dict[str, Any]) -> str:
+    acc = record.get("test_acc")
+    acc_text = "-" if acc is None else f"{100 * acc:.2f}%"
+    return (
+        f"{method} round {record['round']}: test acc {acc_text}, train loss "
+        f"{record['train_loss']:.4f}, {record['round_s']:.2f}s"
+    )
+
+
+class TensorBoard:
+    """Round metrics as TensorBoard scalars, one run folder per method (optional extra)."""
+
+    def __init__(self, root: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "tensorboard: the 'tensorboard' package is not installed "
+                "(pip install 'fedftg[tensorboard]')"
+            ) from None
+        self._cls = SummaryWriter
+        self.root = root
+        self.writers: dict[str, Any] = {}
+
+    def add(self, method: str, record: dict[str, Any]) -> None:
+        if method not in self.writers:
+            self.writers[method] = self._cls(str(self.root / method.replace("+", "_")))
+        w = self.writers[method]
+        for key, value in record.items():
+            if key != "round" and isinstance(value, (int, float)) and value is not None:
+                w.add_scalar(key, value, record["round"])
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
