@@ -1,0 +1,105 @@
+"""Sweeps (grid, skip finished, parallel) and reports (tables, figures) on tiny runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedftg.cli import main
+from fedftg.config import RunConfig
+from fedftg.engine.sweep import grid_points, parse_grid
+from fedftg.errors import UserError
+from fedftg.report.report import build_report, rounds_to_target
+
+TINY = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
+
+
+def test_grid_points_names_and_values(tmp_path):
+    base = RunConfig(out=str(tmp_path))
+    points = grid_points(base, parse_grid(["alpha=0.1,0.5", "seed=0,1,2"]))
+    assert [n for n, _ in points][:2] == ["alpha=0.1,seed=0", "alpha=0.1,seed=1"]
+    assert len(points) == 6
+    cfg = dict(points)["alpha=0.5,seed=2"]
+    assert cfg.alpha == 0.5 and cfg.seed == 2 and cfg.out == str(tmp_path / "alpha=0.5,seed=2")
+    assert base.alpha == 0.1  # the base config is not modified
+    with pytest.raises(UserError, match="grid"):
+        parse_grid(["alpha"])
+    with pytest.raises(UserError, match="alpha"):
+        grid_points(base, parse_grid(["alpha=0,1"]))
+    with pytest.raises(UserError, match="method"):
+        grid_points(base, {"method": ["fedavg"]})
+
+
+def test_sweep_skips_finished_runs_and_reports(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        *TINY,
+        "--method",
+        "fedavg,fedprox",
+        "--grid",
+        "seed=0,1",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--report",
+        "--target",
+        "0.3",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.count(" done ") == 2
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("skipped (complete)") == 2
+    md = (out / "report" / "report.md").read_text()
+    assert "| fedavg | 2 |" in md and "| fedprox | 2 |" in md and "±" in md
+    assert (out / "report" / "curves_0.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report" / "partition_0.png").exists()
+
+
+def test_report_pools_seeds_and_separates_settings(tmp_path, capsys):
+    for seed in (0, 1):
+        for alpha in ("0.1", "1.0"):
+            main(
+                [
+                    "run",
+                    *TINY,
+                    "--method",
+                    "fedavg",
+                    "--seed",
+                    str(seed),
+                    "--alpha",
+                    alpha,
+                    "--out",
+                    str(tmp_path / f"a{alpha}s{seed}"),
+                    "--quiet",
+                ]
+            )
+    capsys.readouterr()
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert md.count("## ") == 2 and "alpha=0.1" in md and "alpha=1.0" in md
+    assert md.count("| fedavg | 2 |") == 2
+    finals = [
+        json.loads((tmp_path / f"a0.1s{s}" / "summary.json").read_text())["methods"]["fedavg"][
+            "final_acc"
+        ]
+        for s in (0, 1)
+    ]
+    mean = 100 * sum(finals) / 2
+    assert f"{mean:.2f} ±" in md
+
+
+def test_rounds_to_target():
+    curve = [(1, 0.2), (2, 0.5), (3, 0.45), (4, 0.9)]
+    assert rounds_to_target(curve, 0.5) == 2 and rounds_to_target(curve, 0.95) is None
+
+
+def test_report_of_nothing_is_an_error(tmp_path, capsys):
+    code = None
+    try:
+        main(["report", str(tmp_path)])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and capsys.readouterr().err.startswith("error:")
