@@ -1,8 +1,9 @@
 """Image-folder datasets: a directory or .zip of `<split>/<class>/<image>`, decoded once.
 
-Splits are `train` and `test` (optionally under one top-level folder); sorted class names
-give the label ids. The decoded arrays are cached as .npz (keyed by the source's path,
-size and modification time) so the next run starts in a fraction of a second.
+Splits are `train` and `test`, optionally inside one top-level folder (`cifar10/train/...`);
+sorted class names give the label ids. Decoding tens of thousands of images takes seconds,
+so the arrays are cached as an .npz keyed by the source's path, size and modification time;
+the next load only reads that file.
 """
 
 from __future__ import annotations
@@ -10,137 +11,254 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 import zipfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fedftg.errors import UserError
-from fedftg.report.files import atomic_write
 
 SPLITS = ("train", "test")
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+CACHE_FORMAT = "imagefolder-v1"  # bump when the decoding or the cache layout changes
+
+# Errors Pillow and zipfile raise on damaged data (some Pillow plugins raise SyntaxError).
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    zlib.error,
+    zipfile.BadZipFile,
+    Image.DecompressionBombError,
+)
+
+Reader = Callable[[str], bytes]
+
+
+@dataclass(frozen=True)
+class FolderArrays:
+    """Decoded image folder: uint8 (N, C, H, W) images, int64 labels, sorted class names."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
 
 
 def cache_dir() -> Path:
+    """Where decoded arrays are cached: `$FEDFTG_CACHE`, else ~/.cache/fedftg."""
     env = os.environ.get("FEDFTG_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fedftg" / "cache"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedftg"
 
 
-def load_imagefolder(source: Path):
-    """Load ``source`` (folder or .zip) as a `Dataset`, through the decoded-array cache."""
-    from fedftg.data.sources import Dataset, channel_stats
-
+def load_imagefolder(source: Path) -> FolderArrays:
+    """Decoded arrays of ``source`` (a folder or .zip), from the cache when it is current."""
     if not source.exists():
-        raise UserError(f"{source}: image folder or zip not found")
-    cache = cache_dir() / f"imagefolder-{_cache_key(source)}.npz"
+        raise UserError(f"{source}: image folder or .zip not found")
+    if not source.is_dir() and not zipfile.is_zipfile(source):
+        raise UserError(f"{source}: not a folder or a .zip archive")
+    cache = _cache_path(source)
     arrays = _read_cache(cache)
     if arrays is None:
-        arrays = _decode(source)
-        try:
-            atomic_write(cache, lambda p: _save_npz(p, arrays))
-        except OSError:
-            pass  # a read-only cache only costs speed
-    classes = tuple(str(c) for c in arrays["classes"])
-    mean, std = channel_stats(arrays["train_x"])
-    return Dataset(
-        "imagefolder",
-        arrays["train_x"],
-        arrays["train_y"],
-        arrays["test_x"],
-        arrays["test_y"],
-        classes,
-        mean,
-        std,
+        arrays = decode_folder(source)
+        _write_cache(cache, arrays)
+    return arrays
+
+
+def decode_folder(source: Path) -> FolderArrays:
+    """Decode every image of ``source``; a bad layout or image is a `UserError` naming it."""
+    with _open_source(source) as (names, read):
+        classes, items = index_layout(names, source)
+        decoder = _Decoder(source, read)
+        train_x, train_y = decoder.split(items["train"])
+        test_x, test_y = decoder.split(items["test"])
+    return FolderArrays(train_x, train_y, test_x, test_y, classes)
+
+
+def index_layout(
+    names: Iterable[str], source: Path
+) -> tuple[tuple[str, ...], dict[str, list[tuple[int, str]]]]:
+    """Sorted class names and, per split, sorted (label, entry name) pairs of the images.
+
+    Hidden files and macOS `__MACOSX` resource forks are skipped, as are folders other
+    than the splits (e.g. `val/`); an image at the wrong depth inside a split is an error.
+    """
+    entries = [(PurePosixPath(n.replace("\\", "/")).parts, n) for n in names if _is_image(n)]
+    tops = {parts[0] for parts, _ in entries}
+    depth = 0 if tops & set(SPLITS) else 1  # one optional top-level folder
+    if depth == 1 and len(tops) > 1:
+        raise UserError(
+            f"{source}: expected train/ and test/ folders (optionally inside one top-level "
+            f"folder), found {', '.join(sorted(tops))}"
+        )
+    groups: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
+    for parts, name in entries:
+        rel = parts[depth:]
+        if not rel or rel[0] not in SPLITS:
+            continue
+        if len(rel) != 3:
+            raise UserError(f"{source}: {name} is not at <split>/<class>/<image>")
+        groups[rel[0]].setdefault(rel[1], []).append(name)
+    for split in SPLITS:
+        if not groups[split]:
+            raise UserError(f"{source}: no images under {split}/<class>/")
+    classes = tuple(sorted(groups["train"]))
+    unknown = sorted(set(groups["test"]) - set(classes))
+    if unknown:
+        raise UserError(f"{source}: test classes {', '.join(unknown)} have no train images")
+    items = {
+        split: [
+            (label, name)
+            for label, cls in enumerate(classes)
+            for name in sorted(groups[split].get(cls, []))
+        ]
+        for split in SPLITS
+    }
+    return classes, items
+
+
+def _is_image(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    return bool(parts) and not hidden and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES
+
+
+@contextmanager
+def _open_source(source: Path) -> Iterator[tuple[list[str], Reader]]:
+    """Entry names (relative, '/'-separated) and a reader for a folder or a zip."""
+    if source.is_dir():
+        names = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
+        yield names, lambda name: (source / name).read_bytes()
+        return
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{source}: cannot read the zip ({exc})") from None
+    with archive:
+        yield [i.filename for i in archive.infolist() if not i.is_dir()], archive.read
+
+
+class _Decoder:
+    """Decodes images into preallocated arrays, holding every image to the first one's shape."""
+
+    def __init__(self, source: Path, read: Reader) -> None:
+        self.source = source
+        self.read = read
+        self.shape: tuple[int, ...] | None = None
+
+    def split(self, items: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.array([label for label, _ in items], dtype=np.int64)
+        first = self.image(items[0][1])
+        images = np.empty((len(items), *first.shape), dtype=np.uint8)
+        images[0] = first
+        for i, (_, name) in enumerate(items[1:], start=1):
+            images[i] = self.image(name)
+        return images, labels
+
+    def image(self, name: str) -> np.ndarray:
+        img = decode_image(self.read, name, self.source)
+        if self.shape is None:
+            if img.shape[1] != img.shape[2]:
+                raise UserError(f"{self.source}: {name} is {_describe(img.shape)}; need square")
+            self.shape = img.shape
+        elif img.shape != self.shape:
+            raise UserError(
+                f"{self.source}: {name} is {_describe(img.shape)} but the first image is "
+                f"{_describe(self.shape)}; all images must have the same size and channels"
+            )
+        return img
+
+
+def decode_image(read: Reader, name: str, source: Path) -> np.ndarray:
+    """One image as uint8 (C, H, W): grayscale modes stay 1 channel, all others become RGB."""
+    try:
+        with Image.open(io.BytesIO(read(name))) as im:
+            arr = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
+    except DECODE_ERRORS as exc:
+        raise UserError(f"{source}: cannot decode image {name} ({exc})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return f"{shape[2]}x{shape[1]} with {shape[0]} channel(s)"
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+def _cache_path(source: Path) -> Path:
+    """`imagefolder-<path hash>-<state hash>.npz`: a changed source gets a new file."""
+    resolved = source.resolve()
+    where = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    state = hashlib.sha256(_fingerprint(resolved).encode()).hexdigest()[:16]
+    return cache_dir() / f"imagefolder-{where}-{state}.npz"
+
+
+def _fingerprint(source: Path) -> str:
+    """The source's format version, size and mtime (every file's, for a folder)."""
+    if not source.is_dir():
+        return f"{CACHE_FORMAT}\n{_stamp(source)}"
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    rows = [f"{p.relative_to(source).as_posix()}:{_stamp(p)}" for p in files]
+    return "\n".join([CACHE_FORMAT, *rows])
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_cache(path: Path) -> FolderArrays | None:
+    """The cached arrays, or None when absent, unreadable or inconsistent (then decode)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {f.name: z[f.name] for f in fields(FolderArrays)}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    arrays["classes"] = tuple(str(c) for c in arrays["classes"])
+    cached = FolderArrays(**arrays)
+    return cached if _consistent(cached) else None
+
+
+def _consistent(a: FolderArrays) -> bool:
+    pairs = ((a.train_x, a.train_y), (a.test_x, a.test_y))
+    return all(
+        x.dtype == np.uint8
+        and x.ndim == 4
+        and y.dtype == np.int64
+        and y.shape == (len(x),)
+        and x.shape[1:] == a.train_x.shape[1:]
+        and (len(y) == 0 or 0 <= y.min() <= y.max() < len(a.classes))
+        for x, y in pairs
     )
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with path.open("wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _cache_key(source: Path) -> str:
-    st = source.stat()
-    if source.is_dir():  # a folder's identity: its files' names, sizes and times
-        parts = sorted(
-            f"{p.relative_to(source)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-            for p in source.rglob("*")
-            if p.is_file()
-        )
-        text = "\n".join(parts)
-    else:
-        text = f"{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(f"{source.resolve()}\n{text}".encode()).hexdigest()[:20]
-
-
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.exists():
-        return None
+def _write_cache(path: Path, arrays: FolderArrays) -> None:
+    """Write atomically (temp file + rename) and drop this source's older cache files."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None  # damaged cache: decode again
-
-
-def _entries(source: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """(relative path, bytes) of every file under a folder or inside a zip."""
-    if source.is_dir():
-        for p in sorted(source.rglob("*")):
-            if p.is_file():
-                yield PurePosixPath(p.relative_to(source).as_posix()), p.read_bytes()
-        return
-    try:
-        with zipfile.ZipFile(source) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    yield PurePosixPath(info.filename), zf.read(info)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"{source}: cannot read zip ({exc})") from None
-
-
-def _decode(source: Path) -> dict[str, np.ndarray]:
-    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {s: {} for s in SPLITS}
-    for rel, data in _entries(source):
-        if rel.suffix.lower() not in IMAGE_EXT:
-            continue
-        parts = rel.parts
-        if len(parts) >= 3 and parts[-3] in SPLITS and len(parts) <= 4:
-            files[parts[-3]].setdefault(parts[-2], []).append((str(rel), data))
-    if not files["train"] or not files["test"]:
-        raise UserError(
-            f"{source}: expected train/<class>/<image> and test/<class>/<image> entries"
-        )
-    classes = sorted(set(files["train"]) | set(files["test"]))
-    out: dict[str, np.ndarray] = {"classes": np.array(classes)}
-    shape = None
-    for split in SPLITS:
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for name, data in sorted(files[split].get(cls, [])):
-                img = _decode_image(source, name, data)
-                if shape is None:
-                    shape = img.shape
-                elif img.shape != shape:
-                    raise UserError(
-                        f"{source}: {name} has shape {img.shape}, expected {shape} like the rest"
-                    )
-                images.append(img)
-                labels.append(label)
-        out[f"{split}_x"] = np.stack(images)
-        out[f"{split}_y"] = np.asarray(labels, dtype=np.int64)
-    return out
-
-
-def _decode_image(source: Path, name: str, data: bytes) -> np.ndarray:
-    """One image as uint8 (C, H, W): grayscale stays 1 channel, everything else RGB."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"{source}: cannot decode image {name} ({exc})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                named = {f.name: getattr(arrays, f.name) for f in fields(FolderArrays)}
+                np.savez(fh, **{**named, "classes": np.array(arrays.classes)})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        same_source = path.name.rsplit("-", 1)[0]
+        for old in path.parent.glob(f"{same_source}-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass  # an unwritable cache only costs speed on the next load

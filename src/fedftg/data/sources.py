@@ -1,24 +1,29 @@
 """Datasets as uint8 arrays: the embedded digits, MNIST/Fashion-MNIST, CIFAR, image folders.
 
-Every file is checked before use (IDX headers against sizes, CIFAR pickles against their
-published md5 before unpickling), so a truncated or corrupt file is an error that names
-the path, never a silently wrong dataset.
+Every file is checked before use: IDX headers against the data size, CIFAR pickles against
+their published md5 *before* unpickling (so no untrusted pickle ever runs), image folders
+image by image. A truncated or corrupt file is a `UserError` naming its path, never a
+silently wrong dataset.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
+import math
 import os
 import pickle
+import shutil
+import struct
 import tarfile
-from collections.abc import Callable
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedftg.data.download import fetch
+from fedftg.data.download import fetch, md5sum
+from fedftg.data.imagefolder import load_imagefolder
 from fedftg.errors import UserError
 
 NAMES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "imagefolder")
@@ -26,7 +31,10 @@ NAMES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "imagefolder")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test images (uint8, N x C x H x W), labels and per-channel statistics."""
+    """Train and test images (uint8, N x C x H x W), int64 labels and per-channel statistics.
+
+    ``mean`` and ``std`` are per channel on the [0, 1] pixel scale, for normalisation.
+    """
 
     name: str
     train_x: np.ndarray
@@ -36,6 +44,15 @@ class Dataset:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != self.train_x.shape[1:]:
+                raise ValueError(f"{self.name}: {split}_x is {x.dtype} {x.shape}, not uint8 NCHW")
+            if y.dtype != np.int64 or y.shape != (len(x),):
+                raise ValueError(f"{self.name}: {split}_y is {y.dtype} {y.shape}, not int64 (N,)")
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"{self.name}: mean/std need one value per channel")
 
     @property
     def num_classes(self) -> int:
@@ -51,71 +68,117 @@ class Dataset:
 
 
 def default_data_dir() -> Path:
+    """`$FEDFTG_DATA`, else ~/.cache/fedftg/data."""
     env = os.environ.get("FEDFTG_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "fedftg" / "data"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedftg" / "data"
 
 
 def load_dataset(
     name: str, data_dir: str | Path | None = None, *, download: bool = True
 ) -> Dataset:
-    """Load dataset ``name`` from ``data_dir`` (default `$FEDFTG_DATA`, ~/.cache/fedftg/data)."""
+    """Load dataset ``name``; files live under ``data_dir`` (default `default_data_dir()`).
+
+    For `imagefolder`, ``data_dir`` is the folder or .zip itself. Missing files are
+    downloaded when ``download`` is true; any problem is a `UserError` naming the path.
+    """
     if name not in NAMES:
-        raise UserError(f"dataset: unknown dataset {name!r}; use one of {', '.join(NAMES)}")
+        raise UserError(f"dataset: unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if name == "digits":
         return load_digits()
     if name == "imagefolder":
         if data_dir is None:
-            raise UserError("data_dir: the imagefolder dataset needs --data-dir")
-        from fedftg.data.imagefolder import load_imagefolder
-
-        return load_imagefolder(Path(data_dir))
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if name in ("mnist", "fmnist"):
+            raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
+        return _load_imagefolder(Path(data_dir).expanduser())
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name in IDX_SOURCES:
         return load_idx_dataset(name, root, download)
     return load_cifar(name, root, download)
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale."""
-    flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-    mean, std = [], []
-    for ch in flat:  # per channel to keep float64 memory small
-        v = ch.astype(np.float64) / 255.0
-        mean.append(round(float(v.mean()), 4))
-        std.append(round(max(float(v.std()), 1e-3), 4))
-    return tuple(mean), tuple(std)
+    """Exact per-channel mean and std of uint8 (N, C, H, W) images on the [0, 1] scale.
+
+    Works from a 256-bin histogram per channel, in chunks, so even CIFAR-sized arrays
+    need no float copy.
+    """
+    hist = np.zeros((x.shape[1], 256), dtype=np.int64)
+    for start in range(0, len(x), 4096):
+        for c, channel in enumerate(x[start : start + 4096].swapaxes(0, 1)):
+            hist[c] += np.bincount(channel.ravel(), minlength=256)
+    levels = np.arange(256) / 255.0
+    n = hist.sum(axis=1)
+    mean = hist @ levels / n
+    var = hist @ levels**2 / n - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    return (
+        tuple(round(float(m), 4) for m in mean),
+        tuple(round(max(float(s), 1e-3), 4) for s in std),
+    )
+
+
+def _load_imagefolder(source: Path) -> Dataset:
+    arrays = load_imagefolder(source)
+    mean, std = channel_stats(arrays.train_x)
+    return Dataset(
+        "imagefolder",
+        arrays.train_x,
+        arrays.train_y,
+        arrays.test_x,
+        arrays.test_y,
+        arrays.classes,
+        mean,
+        std,
+    )
 
 
 # --------------------------------------------------------------------- embedded digits
 
+DIGITS_SPLIT_SEED = 20220319
+
 
 def load_digits() -> Dataset:
-    """scikit-learn's 8x8 digits (1,797 real images), a fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits as sk_digits
+    """scikit-learn's 8x8 digits (1,797 real images, bundled, offline), fixed 80/20 split.
 
-    bunch = sk_digits()
-    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    The split takes n // 5 images of each class for test, drawn with NumPy's legacy
+    `RandomState`, whose stream is frozen, so every install gets the same split.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     y = bunch.target.astype(np.int64)
-    rng = np.random.default_rng(20220319)
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
     test = np.zeros(len(y), dtype=bool)
     for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        test[idx[: len(idx) // 5]] = True
+        members = rng.permutation(np.flatnonzero(y == c))
+        test[members[: len(members) // 5]] = True
     mean, std = channel_stats(x[~test])
-    return Dataset(
-        "digits", x[~test], y[~test], x[test], y[test], tuple(str(c) for c in range(10)), mean, std
-    )
+    classes = tuple(str(c) for c in range(10))
+    return Dataset("digits", x[~test], y[~test], x[test], y[test], classes, mean, std)
 
 
 # ------------------------------------------------------------------ MNIST and friends
 
+
+@dataclass(frozen=True)
+class IdxSource:
+    """Where an IDX dataset lives (`<root>/<folder>/raw/`), its mirror and its constants."""
+
+    folder: str
+    url: str
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    md5: dict[str, str]  # per .gz file, as published
+
+
 IDX_SOURCES = {
-    "mnist": (
+    "mnist": IdxSource(
         "MNIST",
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        tuple(str(c) for c in range(10)),
         (0.1307,),
         (0.3081,),
-        tuple(str(c) for c in range(10)),
         {
             "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
@@ -123,11 +186,9 @@ IDX_SOURCES = {
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
     ),
-    "fmnist": (
+    "fmnist": IdxSource(
         "FashionMNIST",
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        (0.2860,),
-        (0.3530,),
         (
             "T-shirt/top",
             "Trouser",
@@ -140,6 +201,8 @@ IDX_SOURCES = {
             "Bag",
             "Ankle boot",
         ),
+        (0.2860,),
+        (0.3530,),
         {
             "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -149,168 +212,234 @@ IDX_SOURCES = {
     ),
 }
 
+GZIP_MAGIC = b"\x1f\x8b"
+
 
 def load_idx_dataset(name: str, root: Path, download: bool) -> Dataset:
-    """MNIST or Fashion-MNIST from torchvision's layout ``<root>/<Name>/raw/``."""
-    folder, url, mean, std, classes, files = IDX_SOURCES[name]
-    raw = root / folder / "raw"
-    arrays = {}
-    for fname, md5 in files.items():
-        path = _idx_file(raw, fname, url + fname, md5, download)
-        arrays[fname.split("-")[0] + "-" + fname.split("-")[1]] = read_idx(path)
-    tx, ty = arrays["train-images"], arrays["train-labels"]
-    vx, vy = arrays["t10k-images"], arrays["t10k-labels"]
-    for images, labels, split in ((tx, ty, "train"), (vx, vy, "t10k")):
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UserError(f"{raw}: {split} images and labels do not match")
-        if labels.max(initial=0) >= len(classes):
-            raise UserError(f"{raw}: {split} labels out of range")
-    return Dataset(
-        name,
-        tx[:, None],
-        ty.astype(np.int64),
-        vx[:, None],
-        vy.astype(np.int64),
-        classes,
-        mean,
-        std,
-    )
+    """MNIST or Fashion-MNIST from torchvision's layout `<root>/<Name>/raw/`."""
+    src = IDX_SOURCES[name]
+    raw = root / src.folder / "raw"
+    train_x, train_y = _idx_split(src, raw, "train", download)
+    test_x, test_y = _idx_split(src, raw, "t10k", download)
+    return Dataset(name, train_x, train_y, test_x, test_y, src.classes, src.mean, src.std)
 
 
-def _idx_file(raw: Path, fname: str, url: str, md5: str, download: bool) -> Path:
-    """The .gz (or already unpacked) IDX file, downloading it when missing and allowed."""
-    gz = raw / fname
-    if gz.exists():
-        return gz
-    unpacked = raw / fname[: -len(".gz")]
-    if unpacked.exists():
-        return unpacked
+def _idx_split(
+    src: IdxSource, raw: Path, prefix: str, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, H, W) and int64 labels of one split, checked against each other."""
+    images_path = _idx_file(src, raw / f"{prefix}-images-idx3-ubyte", download)
+    labels_path = _idx_file(src, raw / f"{prefix}-labels-idx1-ubyte", download)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise UserError(f"{images_path}: expected 3-d images and 1-d labels in {labels_path}")
+    if len(images) != len(labels):
+        raise UserError(f"{images_path}: {len(images)} images but {len(labels)} labels")
+    if labels.max(initial=0) >= len(src.classes):
+        raise UserError(f"{labels_path}: label {labels.max()} out of range")
+    return images[:, None], labels.astype(np.int64)
+
+
+def _idx_file(src: IdxSource, stem: Path, download: bool) -> Path:
+    """`<stem>.gz`, else the unpacked `<stem>`; downloads the .gz when both are missing."""
+    gz = stem.with_name(stem.name + ".gz")
+    for candidate in (gz, stem):
+        if candidate.is_file():
+            return candidate
     if not download:
-        raise UserError(f"{gz}: dataset file missing (download disabled)")
-    fetch(url, gz, md5)
-    return gz
+        raise UserError(f"{gz}: dataset file missing (nor is {stem.name} there; download is off)")
+    return fetch(src.url + gz.name, gz, src.md5[gz.name])
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped) of unsigned bytes, checking its header."""
+    """Read an IDX file of unsigned bytes, gzipped or not, checking its header."""
     try:
-        opener: Callable = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path}: not an IDX file of unsigned bytes (bad magic)")
+        data = path.read_bytes()
+        if data[:2] == GZIP_MAGIC:
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: cannot read ({exc or type(exc).__name__})") from None
+    return parse_idx(data, str(path))
+
+
+def parse_idx(data: bytes, where: str) -> np.ndarray:
+    """Parse IDX bytes: 0x0000, type 0x08 (uint8), ndim, big-endian uint32 dims, data."""
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise UserError(f"{where}: not an IDX file (bad magic {data[:4].hex()})")
+    if data[2] != 0x08:
+        raise UserError(f"{where}: IDX element type 0x{data[2]:02x} is not unsigned byte (0x08)")
     ndim = data[3]
     header = 4 + 4 * ndim
-    if ndim < 1 or len(data) < header:
-        raise UserError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
+    if ndim == 0 or len(data) < header:
+        raise UserError(f"{where}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = math.prod(dims)
     if len(data) - header != expected:
         raise UserError(
-            f"{path}: IDX size mismatch: header says {expected} bytes, file has "
-            f"{len(data) - header} (truncated or corrupt)"
+            f"{where}: IDX size mismatch: header dims {dims} need {expected} bytes, the file "
+            f"has {len(data) - header} (truncated or corrupt)"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 # ----------------------------------------------------------------------------- CIFAR
 
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+
+
+@dataclass(frozen=True)
+class CifarSource:
+    """One CIFAR python release: its folder, archive, per-file md5s and pickle keys."""
+
+    folder: str
+    archive: str
+    archive_md5: str
+    train: dict[str, str]  # file -> md5
+    test: dict[str, str]
+    meta: tuple[str, str]  # file, md5
+    names_key: bytes
+    label_key: bytes
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 CIFAR_SOURCES = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "archive": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
-        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "train": {
+    "cifar10": CifarSource(
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        {
             "data_batch_1": "c99cafc152244af753f735de768cd75f",
             "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
             "data_batch_4": "634d18415352ddfa80567beed471001a",
             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
         },
-        "test": {"test_batch": "40351d587109b95175f43aff81a1287e"},
-        "meta": ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888", b"label_names"),
-        "label_key": b"labels",
-        "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616),
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "archive": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
-        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "train": {"train": "16019d7e3df5f24257cddd939b257f8d"},
-        "test": {"test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
-        "meta": ("meta", "7973b15100ade9c7d40fb424638fde48", b"fine_label_names"),
-        "label_key": b"fine_labels",
-        "mean": (0.5071, 0.4865, 0.4409),
-        "std": (0.2673, 0.2564, 0.2762),
-    },
+        {"test_batch": "40351d587109b95175f43aff81a1287e"},
+        ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+        b"label_names",
+        b"labels",
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": CifarSource(
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        {"train": "16019d7e3df5f24257cddd939b257f8d"},
+        {"test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+        ("meta", "7973b15100ade9c7d40fb424638fde48"),
+        b"fine_label_names",
+        b"fine_labels",
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+    ),
 }
 
 
 def load_cifar(name: str, root: Path, download: bool) -> Dataset:
-    """CIFAR-10/100 from the original python release (folder or .tar.gz under ``root``)."""
+    """CIFAR-10/100 from the python release: `<root>/<folder>/`, else the .tar.gz in root."""
     src = CIFAR_SOURCES[name]
-    folder = root / src["folder"]
+    folder = root / src.folder
     if not folder.is_dir():
-        archive_name, archive_md5 = src["archive"]
-        archive = root / archive_name
-        if not archive.exists():
-            if not download:
-                raise UserError(f"{folder}: dataset missing (no {archive_name}; download disabled)")
-            fetch(src["url"], archive, archive_md5)
-        _check_md5(archive, archive_md5)
-        _extract_tar(archive, root)
-    meta_name, meta_md5, names_key = src["meta"]
-    meta = _verified_pickle(folder / meta_name, meta_md5)
-    classes = tuple(n.decode() for n in meta[names_key])
-    train = [_verified_pickle(folder / f, md5) for f, md5 in src["train"].items()]
-    test = [_verified_pickle(folder / f, md5) for f, md5 in src["test"].items()]
-    tx, ty = _cifar_arrays(train, src["label_key"])
-    vx, vy = _cifar_arrays(test, src["label_key"])
-    return Dataset(name, tx, ty, vx, vy, classes, src["mean"], src["std"])
+        extract_cifar(src, _cifar_archive(src, root, download), folder)
+    meta_file, meta_md5 = src.meta
+    meta = verified_pickle(folder / meta_file, meta_md5)
+    classes = tuple(n.decode() for n in meta[src.names_key])
+    train_x, train_y = _cifar_split(src, folder, src.train, len(classes))
+    test_x, test_y = _cifar_split(src, folder, src.test, len(classes))
+    return Dataset(name, train_x, train_y, test_x, test_y, classes, src.mean, src.std)
 
 
-def _cifar_arrays(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Stack CIFAR batch dicts into (N, 3, 32, 32) uint8 images and int64 labels."""
-    x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-    y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    return x.reshape(-1, 3, 32, 32), y
+def _cifar_split(
+    src: CifarSource, folder: Path, files: dict[str, str], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    parts = [
+        cifar_arrays(verified_pickle(folder / f, md5), src.label_key, num_classes, folder / f)
+        for f, md5 in files.items()
+    ]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-def _verified_pickle(path: Path, md5: str) -> dict:
-    """Unpickle ``path`` only if its md5 is the published one (never untrusted pickles)."""
-    if not path.exists():
+def cifar_arrays(
+    batch: dict, label_key: bytes, num_classes: int, where: Path | str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One unpickled CIFAR batch as (N, 3, 32, 32) uint8 images and int64 labels."""
+    data = np.asarray(batch.get(b"data", ()), dtype=np.uint8)
+    labels = np.asarray(batch.get(label_key, ()), dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise UserError(f"{where}: not a CIFAR batch (data {data.shape}, labels {labels.shape})")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise UserError(f"{where}: labels out of range 0..{num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def verified_pickle(path: Path, md5: str) -> dict:
+    """Unpickle ``path`` only if its md5 is the published one: no untrusted pickle runs."""
+    if not path.is_file():
         raise UserError(f"{path}: dataset file missing")
-    _check_md5(path, md5)
+    got = md5sum(path)
+    if got != md5:
+        raise UserError(
+            f"{path}: md5 {got} is not the published {md5}; refusing to unpickle a file "
+            "that is not the original release"
+        )
     with path.open("rb") as fh:
-        return pickle.load(fh, encoding="bytes")
+        obj = pickle.load(fh, encoding="bytes")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a CIFAR pickle")
+    return obj
 
 
-def _check_md5(path: Path, md5: str) -> None:
-    if file_md5(path) != md5:
-        raise UserError(f"{path}: checksum mismatch (corrupt or not the original file)")
+def _cifar_archive(src: CifarSource, root: Path, download: bool) -> Path:
+    """The release .tar.gz in ``root``, md5-checked; downloaded when missing and allowed."""
+    archive = root / src.archive
+    if archive.is_file():
+        got = md5sum(archive)
+        if got != src.archive_md5:
+            raise UserError(f"{archive}: md5 {got} is not the published {src.archive_md5}")
+        return archive
+    folder = root / src.folder
+    if not download:
+        raise UserError(f"{folder}: dataset missing, and so is {archive} (download is off)")
+    try:
+        return fetch(CIFAR_URL + src.archive, archive, src.archive_md5)
+    except UserError as exc:
+        raise UserError(f"{folder}: dataset missing; {exc}") from None
 
 
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def extract_cifar(src: CifarSource, archive: Path, folder: Path) -> None:
+    """Extract the release's known files into ``folder`` via a temp dir and one rename.
 
-
-def _extract_tar(archive: Path, dest: Path) -> None:
-    """Extract regular files only, refusing paths that would leave ``dest``."""
+    Only the expected regular files are copied out, by name, so archive paths never
+    become file-system paths (no traversal, no links), and an interrupted extraction
+    leaves no half-filled folder behind.
+    """
+    wanted = {f"{src.folder}/{f}": f for f in (*src.train, *src.test, src.meta[0])}
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot extract {archive} here ({exc})") from None
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = []
-            for m in tar.getmembers():
-                target = (dest / m.name).resolve()
-                if not target.is_relative_to(dest.resolve()) or not (m.isfile() or m.isdir()):
-                    raise UserError(f"{archive}: unsafe entry {m.name!r} in archive")
-                members.append(m)
-            tar.extractall(dest, members=members)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            for member in tar:
+                if member.isfile() and member.name in wanted:
+                    with tar.extractfile(member) as fh, (tmp / wanted[member.name]).open("wb") as out:
+                        shutil.copyfileobj(fh, out)
+        missing = sorted(n for n, f in wanted.items() if not (tmp / f).is_file())
+        if missing:
+            raise UserError(f"{archive}: entries missing: {', '.join(missing)}")
+        _move_into_place(tmp, folder)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{archive}: cannot extract ({exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename ``tmp`` to ``folder``; a folder another process put there first also counts."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise

@@ -98,15 +98,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(cfg: RunConfig) -> Setup:
-    """Load data, partition it and build the initial model (seeded)."""
-    device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+def split_clients(cfg: RunConfig, ds: Dataset) -> Partition:
+    """The configured partition of ``ds``'s training set (deterministic by seed)."""
     if cfg.clients > len(ds.train_y):
         raise UserError(
             f"clients: {cfg.clients} clients but only {len(ds.train_y)} training samples"
         )
-    part = make_partition(
+    return make_partition(
         ds.train_y,
         ds.num_classes,
         cfg.clients,
@@ -118,9 +116,21 @@ def prepare(cfg: RunConfig) -> Setup:
         samples_per_client=cfg.samples_per_client,
         seed=cfg.seed,
     )
+
+
+def initial_state(cfg: RunConfig, ds: Dataset) -> State:
+    """The seeded initial global model, the same for every method and engine."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         init = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    return detached_state(init)
+
+
+def prepare(cfg: RunConfig) -> Setup:
+    """Load data, partition it and build the initial model (seeded)."""
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    part = split_clients(cfg, ds)
     return Setup(
         cfg=cfg,
         dataset=ds,
@@ -130,7 +140,7 @@ def prepare(cfg: RunConfig) -> Setup:
         client_indices=[
             torch.as_tensor(ix, dtype=torch.long, device=device) for ix in part.client_indices
         ],
-        init_state=detached_state(init),
+        init_state=initial_state(cfg, ds),
         device=device,
     )
 
@@ -205,61 +215,61 @@ def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
     )
 
 
-class MethodRunner:
-    """Runs one method round by round on a `Setup`."""
+class ServerRunner:
+    """The server half of one method: global model, method and plug-in state, evaluation.
 
-    def __init__(self, setup: Setup, base: str, plugin: str | None) -> None:
-        self.setup = setup
-        self.cfg = setup.cfg
-        self.method = client_method(self.cfg, base)
+    Used by the in-process simulator (`MethodRunner`) and by the Flower ServerApp, which
+    feed it the clients' uploads of a round.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ds: Dataset,
+        test: DeviceArrays,
+        init_state: State,
+        base: str,
+        plugin: str | None,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = ds
+        self.test = test
+        self.device = device
+        self.method = client_method(cfg, base)
         self.plugin_name = plugin
-        self.plugin = server_plugin(self.cfg, plugin, setup.dataset, setup.device)
-        self.model = setup.new_model()
+        self.plugin = server_plugin(cfg, plugin, ds, device)
+        self.model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        self.model.load_state_dict(init_state)
+        self.model.to(device)
         self._teachers: list[nn.Module] = []
         self.state = MethodState(
             global_state=detached_state(self.model),
             server_state=self.method.init_server_state(self.model),
         )
 
-    def run_round(self) -> dict[str, Any]:
-        """One round; returns its metrics record (without the method name)."""
-        cfg, setup, st = self.cfg, self.setup, self.state
+    def server_update(
+        self, results: list[LocalResult], histograms: list[np.ndarray], start: float
+    ) -> dict[str, Any]:
+        """Aggregate the round's uploads, run the plug-in, evaluate; the round's record."""
+        cfg, st = self.cfg, self.state
         t = st.round
-        start = time.perf_counter()
-        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
-        spec = local_spec(cfg, setup.dataset, t)
-        results: list[LocalResult] = []
-        histograms = []
-        for k in selected:
-            k = int(k)
-            if k not in st.client_states:
-                st.client_states[k] = self.method.init_client_state(self.model)
-            ctx = LocalContext(
-                global_state=st.global_state,
-                client_state=st.client_states[k],
-                server_state=st.server_state,
-                num_clients=cfg.clients,
-            )
-            idx = setup.client_indices[k]
-            gen = torch_rng(cfg.seed, "local", t, k, device=setup.device)
-            results.append(train_local(self.model, setup.train, idx, self.method, ctx, spec, gen))
-            histograms.append(label_histogram(setup.train.y[idx], setup.dataset.num_classes))
         new_state = self.method.aggregate(st.global_state, results, st.server_state, cfg.clients)
         self.model.load_state_dict(new_state)
         record: dict[str, Any] = {
             "round": t + 1,
-            "clients": len(selected),
-            "lr": spec.lr,
+            "clients": len(results),
+            "lr": cfg.lr * cfg.lr_decay**t,
             "train_loss": float(np.mean([r.loss for r in results])),
         }
         evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
         if self.plugin is not None:
             if evaluate_now:
-                acc0, _ = evaluate(self.model, setup.test, cfg.eval_batch_size)
+                acc0, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
                 record["acc_before_server"] = acc0
             server_start = time.perf_counter()
             teachers = self._teacher_models(results)
-            gen = torch_rng(cfg.seed, "server", t, device=setup.device)
+            gen = torch_rng(cfg.seed, "server", t, device=self.device)
             metrics = self.plugin.step(self.model, teachers, np.stack(histograms), t, gen)
             record["server_s"] = time.perf_counter() - server_start
             record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
@@ -267,7 +277,7 @@ class MethodRunner:
         st.global_state = new_state
         st.round = t + 1
         if evaluate_now:
-            st.last_acc, st.last_loss = evaluate(self.model, setup.test, cfg.eval_batch_size)
+            st.last_acc, st.last_loss = evaluate(self.model, self.test, cfg.eval_batch_size)
             st.best_acc = max(st.best_acc, st.last_acc)
             record["test_acc"], record["test_loss"] = st.last_acc, st.last_loss
         else:
@@ -304,7 +314,7 @@ class MethodRunner:
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from `checkpoint_state` output (tensors are moved to this device)."""
-        dev = self.setup.device
+        dev = self.device
         self.state = MethodState(
             global_state=_to(saved["global_state"], dev),
             server_state=_to(saved["server_state"], dev),
@@ -328,6 +338,40 @@ class MethodRunner:
             "rounds": st.round,
             "wall_s": st.elapsed_s,
         }
+
+
+class MethodRunner(ServerRunner):
+    """Runs one method round by round in-process: the selected clients train here."""
+
+    def __init__(self, setup: Setup, base: str, plugin: str | None) -> None:
+        super().__init__(
+            setup.cfg, setup.dataset, setup.test, setup.init_state, base, plugin, setup.device
+        )
+        self.setup = setup
+
+    def run_round(self) -> dict[str, Any]:
+        """One round; returns its metrics record (without the method name)."""
+        cfg, setup, st = self.cfg, self.setup, self.state
+        t = st.round
+        start = time.perf_counter()
+        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
+        spec = local_spec(cfg, setup.dataset, t)
+        results: list[LocalResult] = []
+        histograms = []
+        for k in map(int, selected):
+            if k not in st.client_states:
+                st.client_states[k] = self.method.init_client_state(self.model)
+            ctx = LocalContext(
+                global_state=st.global_state,
+                client_state=st.client_states[k],
+                server_state=st.server_state,
+                num_clients=cfg.clients,
+            )
+            idx = setup.client_indices[k]
+            gen = torch_rng(cfg.seed, "local", t, k, device=setup.device)
+            results.append(train_local(self.model, setup.train, idx, self.method, ctx, spec, gen))
+            histograms.append(label_histogram(setup.train.y[idx], setup.dataset.num_classes))
+        return self.server_update(results, histograms, start)
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
