@@ -44,7 +44,9 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
             raise UserError(f"{dest}: the file downloaded from {url} has md5 {got}, expected {md5}")
         os.replace(part, dest)
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise UserError(f"{dest}: file missing, and the download from {url} failed ({exc})") from None
+        raise UserError(
+            f"{dest}: file missing, and the download from {url} failed ({exc})"
+        ) from None
     finally:
         part.unlink(missing_ok=True)
     return dest

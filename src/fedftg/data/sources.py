@@ -46,7 +46,10 @@ class Dataset:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        for split, x, y in (
+            ("train", self.train_x, self.train_y),
+            ("test", self.test_x, self.test_y),
+        ):
             if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != self.train_x.shape[1:]:
                 raise ValueError(f"{self.name}: {split}_x is {x.dtype} {x.shape}, not uint8 NCHW")
             if y.dtype != np.int64 or y.shape != (len(x),):
@@ -424,7 +427,10 @@ def extract_cifar(src: CifarSource, archive: Path, folder: Path) -> None:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 if member.isfile() and member.name in wanted:
-                    with tar.extractfile(member) as fh, (tmp / wanted[member.name]).open("wb") as out:
+                    with (
+                        tar.extractfile(member) as fh,
+                        (tmp / wanted[member.name]).open("wb") as out,
+                    ):
                         shutil.copyfileobj(fh, out)
         missing = sorted(n for n, f in wanted.items() if not (tmp / f).is_file())
         if missing:

@@ -1,0 +1,1 @@
+"""fedftg on Flower: a ClientApp, a ServerApp and the FedFTGStrategy (needs `fedftg[flower]`)."""

@@ -1,0 +1,126 @@
+"""Flower ClientApp: local training with any fedftg client method, on this node's partition.
+
+The node's partition id comes from its node config (``partition-id``: set by Flower's
+simulation, or by ``flower-supernode --node-config "partition-id=3"``). The node keeps only
+its own samples; its method state (SCAFFOLD's c_k, FedDyn's gradient, MOON's previous
+model) lives in the node's Context state between rounds. The training code is the same
+`train_local` as the in-process simulator's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedftg.config import RunConfig
+from fedftg.data.batches import DeviceArrays
+from fedftg.data.sources import load_dataset
+from fedftg.engine.checkpoint import config_fingerprint
+from fedftg.engine.simulation import (
+    client_method,
+    label_histogram,
+    local_spec,
+    resolve_device,
+    split_clients,
+)
+from fedftg.flower.common import CLIENT_STATE_KEY, config_from_json, from_record, to_record
+from fedftg.methods.client import LocalContext, train_local
+from fedftg.models import build_model
+from fedftg.seeding import torch_rng
+
+app = ClientApp()
+
+
+@dataclass
+class NodeData:
+    """One node's own training samples, resident on its device."""
+
+    train: DeviceArrays
+    indices: torch.Tensor
+    histogram: list[int]
+    dataset: object
+
+
+_CACHE: dict[tuple[str, int], NodeData] = {}
+
+
+def node_data(cfg: RunConfig, pid: int) -> NodeData:
+    """Load the dataset once per process and keep only partition ``pid``'s samples."""
+    key = (config_fingerprint(cfg.to_dict()), pid)
+    if key not in _CACHE:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+        if not 0 <= pid < cfg.clients:
+            raise ValueError(f"partition-id {pid} outside 0..{cfg.clients - 1}")
+        own = split_clients(cfg, ds).client_indices[pid]
+        device = resolve_device(cfg.device)
+        train = DeviceArrays(ds.train_x[own], ds.train_y[own], ds.mean, ds.std, device)
+        hist = label_histogram(train.y, ds.num_classes).tolist()
+        _CACHE.clear()  # one run at a time per process
+        _CACHE[key] = NodeData(train, torch.arange(len(own), device=device), hist, ds)
+    return _CACHE[key]
+
+
+def partition_id(context: Context) -> int:
+    """This node's partition id from its node config."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config has no 'partition-id' (flower-supernode --node-config)")
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds."""
+    content = RecordDict({"info": ConfigRecord({"partition-id": partition_id(context)})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the received global model."""
+    cfg = config_from_json(str(msg.content["config"]["run"]))
+    t = int(msg.content["config"]["round"])
+    base = str(msg.content["config"]["base"])
+    pid = partition_id(context)
+    data = node_data(cfg, pid)
+    ds = data.dataset
+    device = data.train.y.device
+    model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes).to(device)
+    method = client_method(cfg, base)
+    state_key = f"{CLIENT_STATE_KEY}-{msg.content['config']['method']}"
+    if state_key in context.state:
+        client_state = from_record(context.state[state_key], device)
+    else:
+        client_state = method.init_client_state(model)
+    ctx = LocalContext(
+        global_state=from_record(msg.content["global"], device),
+        client_state=client_state,
+        server_state=from_record(msg.content["server"], device),
+        num_clients=cfg.clients,
+    )
+    gen = torch_rng(cfg.seed, "local", t, pid, device=device)
+    result = train_local(model, data.train, data.indices, method, ctx, local_spec(cfg, ds, t), gen)
+    context.state[state_key] = to_record(ctx.client_state)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_samples,
+            "loss": result.loss,
+            "steps": result.steps,
+            "partition-id": pid,
+            "histogram": data.histogram,
+        }
+    )
+    content = RecordDict(
+        {
+            "model": to_record(result.state),
+            "upload": ArrayRecord(_cpu(result.upload)),
+            "metrics": metrics,
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}

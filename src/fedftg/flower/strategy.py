@@ -1,0 +1,178 @@
+"""FedFTGStrategy: a Flower strategy that runs fedftg's client methods and server plug-ins.
+
+Each hook is small: `configure_train` selects clients exactly as the in-process simulator
+does and sends them the global model and the method's server state; `aggregate_train`
+rejects malformed replies, aggregates with the client method's rule and runs the server
+plug-in (FedFTG / FedDF) on the teachers that replied. The maths is the shared
+`ServerRunner`, so Flower and the simulator compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedftg.engine.simulation import ServerRunner
+from fedftg.flower.common import config_to_json, from_record, to_record
+from fedftg.methods.aggregation import select_clients
+from fedftg.methods.client import LocalResult
+
+log = logging.getLogger("fedftg.flower")
+
+
+class FedFTGStrategy(Strategy):
+    """Flower strategy around one fedftg method (client method + optional plug-in)."""
+
+    def __init__(
+        self,
+        runner: ServerRunner,
+        method_name: str,
+        base: str,
+        node_of: dict[int, int],
+        min_replies: int = 1,
+    ) -> None:
+        self.runner = runner
+        self.method_name = method_name
+        self.base = base
+        self.node_of = node_of
+        self.min_replies = min_replies
+        self.last_record: dict[str, Any] | None = None
+        self.rejected: list[str] = []
+        self._start = 0.0
+
+    # ------------------------------------------------------------------ training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Messages for the clients selected this round (round numbers start at 1)."""
+        cfg, t = self.runner.cfg, server_round - 1
+        self._start = time.perf_counter()
+        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
+        run_config = ConfigRecord(
+            {"round": t, "run": config_to_json(cfg), "base": self.base, "method": self.method_name}
+        )
+        server_state = to_record(self.runner.state.server_state)
+        messages = []
+        for k in map(int, selected):
+            if k not in self.node_of:
+                log.warning("round %d: partition %d has no node; skipped", server_round, k)
+                continue
+            content = RecordDict({"global": arrays, "server": server_state, "config": run_config})
+            messages.append(
+                Message(content=content, message_type="train", dst_node_id=self.node_of[k])
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate, run the server plug-in; None if too few replied."""
+        accepted: list[tuple[int, LocalResult, np.ndarray]] = []
+        for msg in replies:
+            problem = self.check_reply(msg)
+            if problem is not None:
+                self.rejected.append(f"round {server_round}: {problem}")
+                log.warning("round %d: reply rejected: %s", server_round, problem)
+                continue
+            accepted.append(self._parse(msg))
+        if len(accepted) < self.min_replies:
+            log.warning(
+                "round %d: %d valid replies, fewer than %d: global model kept",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
+            self.last_record = None
+            return None, None
+        accepted.sort(key=lambda item: item[0])  # the simulator's order: by partition id
+        results = [r for _, r, _ in accepted]
+        histograms = [h for _, _, h in accepted]
+        record = self.runner.server_update(results, histograms, self._start)
+        record["rejected"] = len(self.rejected)
+        self.last_record = record
+        numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        return to_record(self.runner.state.global_state), MetricRecord(numeric)
+
+    def check_reply(self, msg: Message) -> str | None:
+        """Why a reply cannot be aggregated (None if it can)."""
+        if msg.has_error():
+            return f"error from node {msg.metadata.src_node_id}: {msg.error.reason}"
+        return self.check_content(msg.content)
+
+    def check_content(self, content: RecordDict) -> str | None:
+        """Why a reply's content cannot be aggregated: keys, shapes, NaN/Inf, histogram."""
+        for key in ("model", "metrics", "upload"):
+            if key not in content:
+                return f"missing '{key}'"
+        expected = self.runner.state.global_state
+        model = content["model"]
+        if set(model.keys()) != set(expected.keys()):
+            return "model state has unexpected keys"
+        for name, arr in model.items():
+            if tuple(arr.shape) != tuple(expected[name].shape):
+                return f"model entry {name} has shape {tuple(arr.shape)}"
+        state = model.to_torch_state_dict()
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            return "model holds NaN or Inf"
+        upload = content["upload"].to_torch_state_dict()
+        if not all(torch.isfinite(v).all() for v in upload.values() if v.is_floating_point()):
+            return "upload holds NaN or Inf"
+        metrics = content["metrics"]
+        hist = metrics.get("histogram")
+        classes = self.runner.dataset.num_classes
+        if not isinstance(hist, list) or len(hist) != classes:
+            return f"label histogram does not have {classes} classes"
+        if any((not isinstance(v, int)) or v < 0 for v in hist):
+            return "label histogram has negative or non-integer counts"
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or n <= 0 or sum(hist) != n:
+            return "label histogram does not add up to num-examples"
+        loss = metrics.get("loss")
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            return "loss is not a finite number"
+        return None
+
+    def _parse(self, msg: Message) -> tuple[int, LocalResult, np.ndarray]:
+        metrics = msg.content["metrics"]
+        device = self.runner.device
+        result = LocalResult(
+            state=from_record(msg.content["model"], device),
+            num_samples=int(metrics["num-examples"]),
+            steps=int(metrics["steps"]),
+            loss=float(metrics["loss"]),
+            upload=from_record(msg.content["upload"], device),
+        )
+        hist = np.asarray(metrics["histogram"], dtype=np.int64)
+        return int(metrics["partition-id"]), result, hist
+
+    # ------------------------------------------------------- evaluation: central only
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates on the test set."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        cfg = self.runner.cfg
+        log.info(
+            "FedFTGStrategy: method %s, %d clients, participation %s (%s), min replies %d",
+            self.method_name,
+            cfg.clients,
+            cfg.participation,
+            cfg.selection,
+            self.min_replies,
+        )
