@@ -29,7 +29,7 @@ from fedftg.flower.strategy import FedFTGStrategy
 from fedftg.report.files import MetricsLog, read_metrics, write_json
 from fedftg.report.plots import plot_curves
 
-log = logging.getLogger("fedftg.flower")
+log = logging.getLogger("flwr")
 
 FLOWER_KEYS = {"min-replies": 1, "round-timeout": 600.0, "node-wait": 120.0}
 

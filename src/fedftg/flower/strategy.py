@@ -26,7 +26,7 @@ from fedftg.flower.common import config_to_json, from_record, to_record
 from fedftg.methods.aggregation import select_clients
 from fedftg.methods.client import LocalResult
 
-log = logging.getLogger("fedftg.flower")
+log = logging.getLogger("flwr")
 
 
 class FedFTGStrategy(Strategy):
