@@ -78,3 +78,18 @@ def test_feddf_plugin_runs(setup):
     runner = MethodRunner(setup, "fedavg", "df")
     record = runner.run_round()
     assert record["df_loss_distill"] > 0 and 0 <= record["test_acc"] <= 1
+
+
+def test_histogram_noise_is_laplace_per_client_and_fixed_across_rounds(setup):
+    labels = setup.train.y[setup.client_indices[0]]
+    exact = label_histogram(labels, 10)
+    a = label_histogram(labels, 10, epsilon=0.5, seed=1, client=0)
+    b = label_histogram(labels, 10, epsilon=0.5, seed=1, client=0)
+    c = label_histogram(labels, 10, epsilon=0.5, seed=1, client=1)
+    np.testing.assert_array_equal(a, b)  # drawn once per client: no extra leakage per round
+    assert not np.array_equal(a, c) and (a >= 0).all()
+    assert not np.array_equal(a, exact)
+    many = np.stack([label_histogram(labels, 10, 0.5, seed=s, client=0) for s in range(400)])
+    positive = exact > 5  # away from the clip at 0 the noise is centred, scale 1/eps = 2
+    assert abs((many - exact)[:, positive].mean()) < 0.3
+    assert 2.2 < (many - exact)[:, positive].std() < 3.4  # Laplace std = sqrt(2) * 2

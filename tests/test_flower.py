@@ -168,3 +168,43 @@ def test_run_config_maps_onto_the_cli_config():
     with pytest.raises(UserError, match="bogus"):
         config_from_run_config({"bogus": 1})
     assert np.isfinite(cfg.alpha)
+
+
+def test_flower_server_resumes_from_its_checkpoint(tmp_path):
+    import shutil
+
+    from flwr.simulation import run_simulation
+
+    from fedftg.flower.client_app import app as client_app
+    from fedftg.flower.server_app import build_server_app
+
+    def simulate(out, resume):
+        cfg = RunConfig(
+            clients=2,
+            participation=1.0,
+            rounds=3,
+            local_epochs=1,
+            seed=2,
+            method=["fedavg+ftg"],
+            out=str(out),
+        ).validate()
+        cfg.ftg.iterations = 2
+        run_simulation(
+            build_server_app(cfg, node_wait=30, resume=resume),
+            client_app,
+            num_supernodes=2,
+            backend_config={"client_resources": {"num_cpus": 1}},
+        )
+
+    full = tmp_path / "full"
+    simulate(full, resume=False)
+    crashed = tmp_path / "crashed"  # as if the server died after round 2
+    crashed.mkdir()
+    shutil.copyfile(full / "checkpoint.pt.prev", crashed / "checkpoint.pt")
+    shutil.copyfile(full / "metrics.jsonl", crashed / "metrics.jsonl")
+    simulate(crashed, resume=True)
+    a, b = _records(full / "metrics.jsonl"), _records(crashed / "metrics.jsonl")
+    assert [r["round"] for r in b] == [1, 2, 3]
+    assert b[:2] == a[:2]  # kept from before the crash
+    assert b[2]["test_loss"] == pytest.approx(a[2]["test_loss"], rel=1e-4)
+    assert b[2]["ftg_loss_gen"] == pytest.approx(a[2]["ftg_loss_gen"], rel=1e-3)

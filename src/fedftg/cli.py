@@ -36,6 +36,7 @@ HELP = {
     "device": "cpu, cuda, cuda:N, mps",
     "out": "run directory for config.json, metrics.jsonl, summary.json, curves.png",
     "eval_every": "evaluate on the full test set every k rounds (and at the last)",
+    "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",
 }
 
 

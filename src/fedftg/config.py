@@ -72,6 +72,7 @@ class RunConfig:
     feddyn_alpha: float = 0.01
     moon_mu: float = 1.0
     moon_tau: float = 0.5
+    histogram_epsilon: float = 0.0
     # evaluation and bookkeeping
     eval_every: int = 1
     eval_batch_size: int = 1000
@@ -131,7 +132,15 @@ class RunConfig:
             value = getattr(self, name)
             if not (_finite(value) and value > 0):
                 raise UserError(f"{name}: must be a finite number > 0, got {value}")
-        for name in ("weight_decay", "momentum", "clip", "prox_mu", "feddyn_alpha", "moon_mu"):
+        for name in (
+            "weight_decay",
+            "momentum",
+            "clip",
+            "prox_mu",
+            "feddyn_alpha",
+            "moon_mu",
+            "histogram_epsilon",
+        ):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise UserError(f"{name}: must be a finite number >= 0, got {value}")

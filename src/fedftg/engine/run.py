@@ -142,7 +142,7 @@ def run_experiment(
         f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
     )
     done: dict[str, Any] = dict(saved["done"]) if saved else {}
-    _trim_metrics(paths["metrics"], saved)
+    trim_metrics(paths["metrics"], saved)
     log = MetricsLog(paths["metrics"])
     summary: dict[str, Any] = {"methods": {}}
     sample_written = False
@@ -169,7 +169,9 @@ def run_experiment(
                 if finished:
                     done[display] = runner.summary()
                 if stop.raised or (every and (runner.state.round % every == 0 or finished)):
-                    _save(ckpt_path, fingerprint, done, display, runner.checkpoint_state())
+                    save_run_checkpoint(
+                        ckpt_path, fingerprint, done, display, runner.checkpoint_state()
+                    )
                 if stop.raised:
                     bar.close()
                     raise Interrupted(
@@ -199,13 +201,15 @@ def run_experiment(
     return summary
 
 
-def _save(path: Path, fingerprint: str, done: dict, current: str, state: dict) -> None:
+def save_run_checkpoint(
+    path: Path, fingerprint: str, done: dict, current: str, state: dict
+) -> None:
     save_checkpoint(
         path, {"fingerprint": fingerprint, "done": done, "current": current, "state": state}
     )
 
 
-def _trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
+def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
     """Keep only the metrics the checkpoint accounts for (none without a checkpoint)."""
     if saved is None:
         path.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from fedftg.methods.client import (
     train_local,
 )
 from fedftg.models import build_model
-from fedftg.seeding import derive_seed, torch_rng
+from fedftg.seeding import derive_seed, numpy_rng, torch_rng
 
 
 class ServerPlugin(Protocol):
@@ -161,9 +161,22 @@ def evaluate(model: nn.Module, data: DeviceArrays, batch_size: int = 1000) -> tu
     return correct / n, loss_sum / n
 
 
-def label_histogram(labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """A client's label counts: what it uploads beside its model for FedFTG."""
-    return torch.bincount(labels, minlength=num_classes).cpu().numpy().astype(np.int64)
+def label_histogram(
+    labels: torch.Tensor, num_classes: int, epsilon: float = 0.0, seed: int = 0, client: int = 0
+) -> np.ndarray:
+    """A client's label counts: what it uploads beside its model for FedFTG.
+
+    With ``epsilon > 0`` the counts are released through the Laplace mechanism (scale
+    1/epsilon per class: one sample changes one count by one), rounded and clipped at 0.
+    The noise is drawn once per client (keyed by seed and client id), so uploading it every
+    round reveals nothing more than the first upload: the whole run is epsilon-DP for the
+    label histogram.
+    """
+    counts = torch.bincount(labels, minlength=num_classes).cpu().numpy().astype(np.int64)
+    if epsilon <= 0:
+        return counts
+    noise = numpy_rng(seed, "histogram", client).laplace(0.0, 1.0 / epsilon, num_classes)
+    return np.maximum(0, np.rint(counts + noise)).astype(np.int64)
 
 
 def client_method(cfg: RunConfig, base: str) -> ClientMethod:
@@ -370,7 +383,15 @@ class MethodRunner(ServerRunner):
             idx = setup.client_indices[k]
             gen = torch_rng(cfg.seed, "local", t, k, device=setup.device)
             results.append(train_local(self.model, setup.train, idx, self.method, ctx, spec, gen))
-            histograms.append(label_histogram(setup.train.y[idx], setup.dataset.num_classes))
+            histograms.append(
+                label_histogram(
+                    setup.train.y[idx],
+                    setup.dataset.num_classes,
+                    cfg.histogram_epsilon,
+                    cfg.seed,
+                    k,
+                )
+            )
         return self.server_update(results, histograms, start)
 
 

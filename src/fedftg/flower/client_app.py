@@ -57,7 +57,9 @@ def node_data(cfg: RunConfig, pid: int) -> NodeData:
         own = split_clients(cfg, ds).client_indices[pid]
         device = resolve_device(cfg.device)
         train = DeviceArrays(ds.train_x[own], ds.train_y[own], ds.mean, ds.std, device)
-        hist = label_histogram(train.y, ds.num_classes).tolist()
+        hist = label_histogram(
+            train.y, ds.num_classes, cfg.histogram_epsilon, cfg.seed, pid
+        ).tolist()
         _CACHE.clear()  # one run at a time per process
         _CACHE[key] = NodeData(train, torch.arange(len(own), device=device), hist, ds)
     return _CACHE[key]

@@ -21,7 +21,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.run import environment, format_table, make_out_dir, plugin_gains
+from fedftg.engine.checkpoint import config_fingerprint, load_latest
+from fedftg.engine.run import (
+    environment,
+    format_table,
+    make_out_dir,
+    plugin_gains,
+    save_run_checkpoint,
+    trim_metrics,
+)
 from fedftg.engine.simulation import ServerRunner, initial_state, output_paths, resolve_device
 from fedftg.errors import UserError
 from fedftg.flower.common import config_from_run_config, to_record
@@ -31,7 +39,7 @@ from fedftg.report.plots import plot_curves
 
 log = logging.getLogger("flwr")
 
-FLOWER_KEYS = {"min-replies": 1, "round-timeout": 600.0, "node-wait": 120.0}
+FLOWER_KEYS = {"min-replies": 1, "round-timeout": 600.0, "node-wait": 120.0, "resume": False}
 
 app = ServerApp()
 
@@ -40,9 +48,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of `flwr run`: read the run config and run every requested method."""
     run_config = dict(context.run_config)
-    options = {k: type(v)(run_config.pop(k, v)) for k, v in FLOWER_KEYS.items()}
+    options = {k: run_config.pop(k, v) for k, v in FLOWER_KEYS.items()}
     cfg = config_from_run_config(run_config)
-    run_federation(grid, cfg, **{k.replace("-", "_"): v for k, v in options.items()})
+    run_federation(
+        grid,
+        cfg,
+        min_replies=int(options["min-replies"]),
+        round_timeout=float(options["round-timeout"]),
+        node_wait=float(options["node-wait"]),
+        resume=bool(options["resume"]),
+    )
 
 
 def build_server_app(cfg: RunConfig, **options: Any) -> ServerApp:
@@ -85,8 +100,14 @@ def run_federation(
     min_replies: int = 1,
     round_timeout: float = 600.0,
     node_wait: float = 120.0,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every method of ``cfg`` over the nodes of ``grid``; write the run directory."""
+    """Run every method of ``cfg`` over the nodes of ``grid``; write the run directory.
+
+    The server checkpoints after every round (global model, method server state,
+    generator, round); with ``resume`` it continues from the checkpoint in ``cfg.out``.
+    Client-side method state lives on the nodes (their Context) and is not checkpointed.
+    """
     paths = output_paths(cfg.out)
     make_out_dir(paths["dir"])
     device = resolve_device(cfg.device)
@@ -97,16 +118,32 @@ def run_federation(
         paths["config"], {**cfg.to_dict(), "environment": environment(cfg), "engine": "flower"}
     )
     node_of = discover_nodes(grid, cfg.clients, node_wait, round_timeout)
-    if len(node_of) < min_replies:
+    if len(node_of) < int(min_replies):
         raise UserError(f"min-replies: only {len(node_of)} nodes answered")
-    paths["metrics"].unlink(missing_ok=True)
+    ckpt_path = paths["dir"] / "checkpoint.pt"
+    fingerprint = config_fingerprint(cfg.to_dict())
+    saved = None
+    if resume:
+        saved, warnings = load_latest(ckpt_path)
+        for w in warnings:
+            log.warning(w)
+        if saved is not None and saved["fingerprint"] != fingerprint:
+            raise UserError(f"{ckpt_path}: checkpoint was written by a run with other settings")
+    done: dict[str, Any] = dict(saved["done"]) if saved else {}
+    trim_metrics(paths["metrics"], saved)
     metrics_log = MetricsLog(paths["metrics"])
     summary: dict[str, Any] = {"methods": {}, "engine": "flower"}
     for display, base, plugin in cfg.methods():
+        if display in done:
+            summary["methods"][display] = done[display]
+            continue
         runner = ServerRunner(cfg, ds, test, init, base, plugin, device)
-        strategy = FedFTGStrategy(runner, display, base, node_of, min_replies)
+        if saved is not None and saved["current"] == display:
+            runner.restore(saved["state"])
+            log.info("%s: resumed after round %d", display, runner.state.round)
+        strategy = FedFTGStrategy(runner, display, base, node_of, int(min_replies))
         strategy.summary()
-        for server_round in range(1, cfg.rounds + 1):
+        for server_round in range(runner.state.round + 1, cfg.rounds + 1):
             arrays = to_record(runner.state.global_state)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=round_timeout)
@@ -123,9 +160,12 @@ def run_federation(
                         "elapsed_s": runner.state.elapsed_s,
                     }
                 )
-                continue
-            metrics_log.append({"method": display, **(strategy.last_record or {})})
-            log.info("%s round %d: %s", display, server_round, strategy.last_record)
+            else:
+                metrics_log.append({"method": display, **(strategy.last_record or {})})
+                log.info("%s round %d: %s", display, server_round, strategy.last_record)
+            if server_round == cfg.rounds:
+                done[display] = {**runner.summary(), "rejected": strategy.rejected}
+            save_run_checkpoint(ckpt_path, fingerprint, done, display, runner.checkpoint_state())
         summary["methods"][display] = {**runner.summary(), "rejected": strategy.rejected}
     summary["config"] = cfg.to_dict()
     write_json(paths["summary"], summary)

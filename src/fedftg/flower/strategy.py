@@ -134,7 +134,9 @@ class FedFTGStrategy(Strategy):
         if any((not isinstance(v, int)) or v < 0 for v in hist):
             return "label histogram has negative or non-integer counts"
         n = metrics.get("num-examples")
-        if not isinstance(n, int) or n <= 0 or sum(hist) != n:
+        if not isinstance(n, int) or n <= 0:
+            return "num-examples is not a positive integer"
+        if self.runner.cfg.histogram_epsilon == 0 and sum(hist) != n:
             return "label histogram does not add up to num-examples"
         loss = metrics.get("loss")
         if not isinstance(loss, float) or not math.isfinite(loss):
