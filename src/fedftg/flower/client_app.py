@@ -44,25 +44,35 @@ class NodeData:
     dataset: object
 
 
-_CACHE: dict[tuple[str, int], NodeData] = {}
+_DATASETS: dict[str, tuple[object, object]] = {}
+_NODES: dict[tuple[str, int], NodeData] = {}
 
 
 def node_data(cfg: RunConfig, pid: int) -> NodeData:
-    """Load the dataset once per process and keep only partition ``pid``'s samples."""
-    key = (config_fingerprint(cfg.to_dict()), pid)
-    if key not in _CACHE:
-        ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    """This node's samples; the dataset and its split are loaded once per process.
+
+    A process may serve several simulated nodes (Flower's simulation runs nodes in a few
+    workers), so the decoded dataset is kept per process, and each node keeps only its
+    own samples on the device.
+    """
+    key = config_fingerprint(cfg.to_dict())
+    if (key, pid) not in _NODES:
+        if key not in _DATASETS:
+            _DATASETS.clear()  # one experiment at a time per process
+            _NODES.clear()
+            ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+            _DATASETS[key] = (ds, split_clients(cfg, ds))
+        ds, part = _DATASETS[key]
         if not 0 <= pid < cfg.clients:
             raise ValueError(f"partition-id {pid} outside 0..{cfg.clients - 1}")
-        own = split_clients(cfg, ds).client_indices[pid]
+        own = part.client_indices[pid]
         device = resolve_device(cfg.device)
         train = DeviceArrays(ds.train_x[own], ds.train_y[own], ds.mean, ds.std, device)
         hist = label_histogram(
             train.y, ds.num_classes, cfg.histogram_epsilon, cfg.seed, pid
         ).tolist()
-        _CACHE.clear()  # one run at a time per process
-        _CACHE[key] = NodeData(train, torch.arange(len(own), device=device), hist, ds)
-    return _CACHE[key]
+        _NODES[(key, pid)] = NodeData(train, torch.arange(len(own), device=device), hist, ds)
+    return _NODES[(key, pid)]
 
 
 def partition_id(context: Context) -> int:
