@@ -77,7 +77,8 @@ def run_sweep(
         if (n, c) not in todo
     ]
     Path(base.out).mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # the caller's thread setting wins; otherwise the cores are split between the jobs
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
 
     def launch(item: tuple[str, RunConfig]) -> dict[str, Any]:
         name, cfg = item
@@ -90,7 +91,7 @@ def run_sweep(
             "--config-json",
             json.dumps(cfg.to_dict()),
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         log = Path(cfg.out + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
