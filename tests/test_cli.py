@@ -164,3 +164,42 @@ def test_output_dir_is_a_file_is_an_error(tmp_path, capsys):
     f.write_text("x")
     code, _, err = _run(capsys, ["run", *FAST, "--method", "fedavg", "--out", str(f)])
     assert code == 2 and str(f) in err
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from fedftg.config import apply_overrides, load_config_file
+    from fedftg.engine.sweep import grid_points, parse_grid
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        values = load_config_file(path)
+        grid = parse_grid(values.pop("grid", {}))
+        base = apply_overrides(RunConfig(), values).validate()
+        assert grid_points(base, grid)
+
+
+def test_tensorboard_scalars(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert (
+        main(["run", *FAST, "--method", "fedavg", "--tensorboard", "--quiet", "--out", str(out)])
+        == 0
+    )
+    acc = EventAccumulator(str(out / "tensorboard" / "fedavg"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("test_acc")]
+    assert steps == [1, 2]
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert acc.Scalars("test_acc")[-1].value == pytest.approx(json.loads(metrics[-1])["test_acc"])
+    assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_verbose_prints_one_line_per_round(tmp_path, capsys):
+    main(["run", *FAST, "--method", "fedavg", "--verbose", "--out", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert err.count("fedavg round ") == 2
