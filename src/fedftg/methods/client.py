@@ -120,7 +120,17 @@ class FedProx(ClientMethod):
         return term
 
 
-class Scaffold(ClientMethod):
+class _ParameterStateMethod(ClientMethod):
+    """A method whose server and client states are one zero-initialised tensor per parameter."""
+
+    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _zeros_like_params(model)
+
+
+class Scaffold(_ParameterStateMethod):
     """SCAFFOLD (Karimireddy et al. 2020), option II control variates.
 
     The gradient correction (c - c_k) is applied as the linear term <w, c - c_k>, whose
@@ -133,12 +143,6 @@ class Scaffold(ClientMethod):
 
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
-
-    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
-
-    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
         params = dict(model.named_parameters())
@@ -172,7 +176,7 @@ class Scaffold(ClientMethod):
         return avg
 
 
-class FedDyn(ClientMethod):
+class FedDyn(_ParameterStateMethod):
     """FedDyn (Acar et al. 2021): dynamic regulariser.
 
     Local objective: CE(w) - <g_k, w> + alpha/2 ||w - w_global||^2, with g_k (the client's
@@ -185,12 +189,6 @@ class FedDyn(ClientMethod):
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
-
-    def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
-
-    def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
         params = dict(model.named_parameters())
