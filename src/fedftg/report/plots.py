@@ -59,6 +59,8 @@ def plot_samples(
         axes[row, 0].set_title(class_names[c], fontsize=6, loc="left")
         for col, img in enumerate(images[labels == c]):
             shown = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
-            axes[row, col].imshow(np.clip(shown, 0, 1), cmap="gray" if img.shape[0] == 1 else None)
+            axes[row, col].imshow(
+                np.clip(shown, 0, 1), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1
+            )
     fig.tight_layout()
     return save_figure(fig, path)
