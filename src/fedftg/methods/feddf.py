@@ -15,33 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import FTGServer, _check, _Frozen, diversity_loss, sample_labels
+from fedftg.methods.ftg import (
+    DistillConfig,
+    FTGServer,
+    _check,
+    _Frozen,
+    diversity_loss,
+    sample_labels,
+)
 
 
 @dataclass
-class FedDFConfig:
+class FedDFConfig(DistillConfig):
     """FedDF baseline settings (step counts as in the FedFTG authors' baseline)."""
 
     gen_steps: int = 50
     student_steps: int = 20
-    batch_size: int = 50
-    nz: int = 100
-    ngf: int = 64
-    gen_lr: float = 0.01
-    student_lr: float = 0.1
-    lr_decay: float = 0.998
-    student_weight_decay: float = 1e-3
-    lambda_dis: float = 1.0
-    temperature: float = 1.0
 
     def validate(self) -> FedDFConfig:
-        for name in ("gen_steps", "student_steps", "nz", "ngf"):
-            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
-        _check("batch_size", self.batch_size, lambda v: isinstance(v, int) and v >= 2, ">= 2")
-        for name in ("gen_lr", "student_lr", "lr_decay", "temperature"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
-        for name in ("student_weight_decay", "lambda_dis"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
+        super().validate()
+        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 1, ">= 1")
         return self
 
 

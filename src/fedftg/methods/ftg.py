@@ -137,10 +137,9 @@ def distill_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 @dataclass
-class FTGConfig:
-    """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
+class DistillConfig:
+    """Settings shared by the data-free server steps (FedFTG and FedDF)."""
 
-    iterations: int = 10
     gen_steps: int = 1
     student_steps: int = 5
     batch_size: int = 50
@@ -150,23 +149,41 @@ class FTGConfig:
     student_lr: float = 0.1
     lr_decay: float = 0.998
     student_weight_decay: float = 1e-3
-    lambda_cls: float = 1.0
     lambda_dis: float = 1.0
-    md_distance: str = "l1"
     temperature: float = 1.0
+
+    def validate(self) -> DistillConfig:
+        for name in ("student_steps", "nz", "ngf"):
+            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
+        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        _check(
+            "batch_size",
+            self.batch_size,
+            lambda v: isinstance(v, int) and v >= 2,
+            ">= 2 (BatchNorm)",
+        )
+        for name in ("gen_lr", "student_lr", "lr_decay", "temperature"):
+            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
+        for name in ("student_weight_decay", "lambda_dis"):
+            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
+        return self
+
+
+@dataclass
+class FTGConfig(DistillConfig):
+    """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
+
+    iterations: int = 10
+    lambda_cls: float = 1.0
+    md_distance: str = "l1"
     label_sampling: str = "customized"
     ensemble: str = "class"
     hard_mining: bool = True
 
     def validate(self) -> FTGConfig:
-        for name in ("iterations", "student_steps", "batch_size", "nz", "ngf"):
-            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
-        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
-        for name in ("gen_lr", "student_lr", "lr_decay", "temperature"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
-        for name in ("student_weight_decay", "lambda_cls", "lambda_dis"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
-        _check("batch_size", self.batch_size, lambda v: v >= 2, ">= 2 (BatchNorm)")
+        super().validate()
+        _check("iterations", self.iterations, lambda v: isinstance(v, int) and v >= 1, ">= 1")
+        _check("lambda_cls", self.lambda_cls, lambda v: np.isfinite(v) and v >= 0, ">= 0")
         _one_of("md_distance", self.md_distance, ("l1", "kl"))
         _one_of("label_sampling", self.label_sampling, ("customized", "uniform"))
         _one_of("ensemble", self.ensemble, ("class", "uniform"))
