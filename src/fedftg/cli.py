@@ -34,6 +34,9 @@ HELP = {
     "local_steps": "fixed number of local steps (overrides --local-epochs)",
     "augment": "auto (flip + pad-crop for 32x32 RGB), on, off",
     "device": "cpu, cuda, cuda:N, mps",
+    "client_batching": "sequential (one client after another), vmap (the round's clients in "
+    "one batched step), auto (vmap on CUDA, sequential on CPU)",
+    "precision": "fp32, or bf16 autocast for local training and the server step",
     "out": "run directory for config.json, metrics.jsonl, summary.json, curves.png",
     "eval_every": "evaluate on the full test set every k rounds (and at the last)",
     "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",

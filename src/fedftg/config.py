@@ -33,6 +33,8 @@ PLUGINS = ("ftg", "df")
 ALIASES = {"fedftg": "fedavg+ftg", "feddf": "fedavg+df"}
 SELECTIONS = ("fixed", "bernoulli")
 AUGMENT = ("auto", "on", "off")
+CLIENT_BATCHING = ("auto", "sequential", "vmap")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -78,6 +80,8 @@ class RunConfig:
     eval_batch_size: int = 1000
     seed: int = 0
     device: str = "cpu"
+    client_batching: str = "auto"
+    precision: str = "fp32"
     out: str = "runs/latest"
     checkpoint_every: int = 1
     # server plug-ins
@@ -103,6 +107,8 @@ class RunConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("selection", self.selection, SELECTIONS)
         _choice("augment", self.augment, AUGMENT)
+        _choice("client_batching", self.client_batching, CLIENT_BATCHING)
+        _choice("precision", self.precision, PRECISIONS)
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
         _positive_int("clients", self.clients)

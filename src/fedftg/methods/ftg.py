@@ -179,9 +179,11 @@ class FTGConfig(DistillConfig):
     label_sampling: str = "customized"
     ensemble: str = "class"
     hard_mining: bool = True
+    impl: str = "fast"
 
     def validate(self) -> FTGConfig:
         super().validate()
+        _one_of("impl", self.impl, ("fast", "reference"))
         _check("iterations", self.iterations, lambda v: isinstance(v, int) and v >= 1, ">= 1")
         _check("lambda_cls", self.lambda_cls, lambda v: np.isfinite(v) and v >= 0, ">= 0")
         _one_of("md_distance", self.md_distance, ("l1", "kl"))
