@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import (
-    DistillConfig,
-    FTGServer,
-    _check,
-    _Frozen,
-    diversity_loss,
-    sample_labels,
-)
+from fedftg.methods.ftg import DistillConfig, FTGServer, _check, diversity_loss, sample_labels
+from fedftg.models.stacked import Teachers
+from fedftg.precision import upcast
 
 
 @dataclass
@@ -54,7 +49,7 @@ class FedDFServer(FTGServer):
     def step(
         self,
         student: nn.Module,
-        teachers: Sequence[nn.Module],
+        teachers: Teachers | Sequence[nn.Module],
         counts: np.ndarray,
         round_idx: int,
         generator: torch.Generator,
@@ -69,35 +64,36 @@ class FedDFServer(FTGServer):
         )
         held = np.asarray(counts).sum(axis=0) > 0  # uniform over the classes present
         gen_sum = dis_sum = kl_sum = 0.0
-        with _Frozen(teachers) as nets:
-            student.eval()
-            self.generator.train()
-            for _ in range(cfg.gen_steps):
-                z, y = self._draw(held, generator)
+        nets = self._teachers(teachers)
+        student.eval()
+        self.generator.train()
+        for _ in range(cfg.gen_steps):
+            z, y = self._draw(held, generator)
+            with self._autocast():
                 x = self.generator(z, self._onehot(y))
-                mean_logits = torch.stack([net(x) for net in nets]).mean(0)
-                l_ce = F.cross_entropy(mean_logits, y)
-                l_dis = diversity_loss(z, x)
-                loss = l_ce + cfg.lambda_dis * l_dis
-                opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_g.step()
-                gen_sum += float(l_ce.detach())
-                dis_sum += float(l_dis.detach())
-            self.generator.eval()
-            student.train()
-            for _ in range(cfg.student_steps):
-                z, y = self._draw(held, generator)
-                with torch.no_grad():
-                    x = self.generator(z, self._onehot(y))
-                    probs = torch.stack(
-                        [F.softmax(net(x) / cfg.temperature, dim=1) for net in nets]
-                    ).mean(0)
-                loss = kl_distill_loss(student(x), probs, cfg.temperature)
-                opt_s.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_s.step()
-                kl_sum += float(loss.detach())
+                mean_logits = upcast(nets.all(x)).mean(0)
+            l_ce = F.cross_entropy(mean_logits, y)
+            l_dis = diversity_loss(z, upcast(x))
+            loss = l_ce + cfg.lambda_dis * l_dis
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            gen_sum += float(l_ce.detach())
+            dis_sum += float(l_dis.detach())
+        self.generator.eval()
+        student.train()
+        for _ in range(cfg.student_steps):
+            z, y = self._draw(held, generator)
+            with torch.no_grad(), self._autocast():
+                x = self.generator(z, self._onehot(y))
+                probs = F.softmax(upcast(nets.all(x)) / cfg.temperature, dim=-1).mean(0)
+            with self._autocast():
+                s = upcast(student(x))
+            loss = kl_distill_loss(s, probs, cfg.temperature)
+            opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_s.step()
+            kl_sum += float(loss.detach())
         student.eval()
         return {
             "loss_cls": gen_sum / cfg.gen_steps,

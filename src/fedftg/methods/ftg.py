@@ -20,6 +20,8 @@ from torch import nn
 
 from fedftg.errors import UserError
 from fedftg.models.generator import ConditionalGenerator
+from fedftg.models.stacked import Teachers, as_teachers
+from fedftg.precision import autocast, upcast
 from fedftg.seeding import derive_seed
 
 # ----------------------------------------------------------------------- pure maths
@@ -151,8 +153,10 @@ class DistillConfig:
     student_weight_decay: float = 1e-3
     lambda_dis: float = 1.0
     temperature: float = 1.0
+    impl: str = "fast"
 
     def validate(self) -> DistillConfig:
+        _one_of("impl", self.impl, ("fast", "reference"))
         for name in ("student_steps", "nz", "ngf"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
         _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
@@ -179,11 +183,9 @@ class FTGConfig(DistillConfig):
     label_sampling: str = "customized"
     ensemble: str = "class"
     hard_mining: bool = True
-    impl: str = "fast"
 
     def validate(self) -> FTGConfig:
         super().validate()
-        _one_of("impl", self.impl, ("fast", "reference"))
         _check("iterations", self.iterations, lambda v: isinstance(v, int) and v >= 1, ">= 1")
         _check("lambda_cls", self.lambda_cls, lambda v: np.isfinite(v) and v >= 0, ">= 0")
         _one_of("md_distance", self.md_distance, ("l1", "kl"))
@@ -206,29 +208,17 @@ def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(valid)}")
 
 
-class _Frozen:
-    """Teachers used without touching them: no parameter gradients, modes restored after."""
-
-    def __init__(self, nets: Sequence[nn.Module]) -> None:
-        self.nets = list(nets)
-
-    def __enter__(self) -> list[nn.Module]:
-        self._flags = [[p.requires_grad for p in n.parameters()] for n in self.nets]
-        self._modes = [n.training for n in self.nets]
-        for n in self.nets:
-            n.eval()
-            n.requires_grad_(False)
-        return self.nets
-
-    def __exit__(self, *exc: object) -> None:
-        for n, flags, mode in zip(self.nets, self._flags, self._modes, strict=True):
-            for p, f in zip(n.parameters(), flags, strict=True):
-                p.requires_grad_(f)
-            n.train(mode)
-
-
 class FTGServer:
-    """Runs FedFTG's server step each round; owns the generator, which persists."""
+    """Runs FedFTG's server step each round; owns the generator, which persists.
+
+    ``cfg.impl`` picks the implementation of the same maths: "fast" holds the teachers as
+    one stacked copy, evaluates them in one batched call, skips the student's weight
+    gradients during generator steps (they are discarded) and computes the samples and the
+    teacher target once per iteration (the generator is frozen and the teachers in eval
+    mode during the student steps, so they are the same in all I_d steps); "reference"
+    follows the authors' loop structure: a teacher's weights reloaded before each forward,
+    samples and target recomputed in each student step.
+    """
 
     def __init__(
         self,
@@ -238,10 +228,12 @@ class FTGServer:
         image_size: int,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
         self.device = torch.device(device)
+        self.precision = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "generator"))
             self.generator = ConditionalGenerator(
@@ -256,22 +248,32 @@ class FTGServer:
         self.generator.load_state_dict(state)
 
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(y, self.num_classes).float()
+        return F.one_hot(y, self.num_classes).to(self.generator.embed_y.weight.dtype)
+
+    def _autocast(self):
+        return autocast(self.device, self.precision)
+
+    def _teachers(self, teachers: Teachers | Sequence[nn.Module]) -> Teachers:
+        return as_teachers(teachers, self.cfg.impl)
 
     def step(
         self,
         student: nn.Module,
-        teachers: Sequence[nn.Module],
+        teachers: Teachers | Sequence[nn.Module],
         counts: np.ndarray,
         round_idx: int,
         generator: torch.Generator,
     ) -> dict[str, float]:
         """Fine-tune ``student`` in place from ``teachers`` with label histograms ``counts``.
 
-        The student is left in eval mode. Returns the round's mean loss terms.
+        ``teachers`` are the participants' models (modules, or a teacher set from
+        `fedftg.models.stacked`). The student is left in eval mode. Returns the round's
+        mean loss terms.
         """
         cfg, dev = self.cfg, self.device
-        k = len(teachers)
+        fast = cfg.impl == "fast"
+        nets = self._teachers(teachers)
+        k = len(nets)
         decay = cfg.lr_decay**round_idx
         opt_g = torch.optim.Adam(
             self.generator.parameters(), lr=cfg.gen_lr * decay, betas=(0.9, 0.999)
@@ -289,52 +291,59 @@ class FTGServer:
         ).to(dev)
         sums = dict.fromkeys(("loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"), 0.0)
         n_gen = 0
-        with _Frozen(teachers) as nets:
-            for it in range(cfg.iterations):
-                y = labels[it]
-                z = torch.randn(
-                    cfg.batch_size, cfg.nz, generator=generator, device=generator.device
-                ).to(dev)
-                onehot = self._onehot(y)
-                w = alpha[:, y]  # (K, B): teacher k's weight on each sample
-                # generator: one Adam step per participating client, in turn
-                student.eval()
-                self.generator.train()
-                for _ in range(cfg.gen_steps):
-                    for j, net in enumerate(nets):
+        grad_flags = [p.requires_grad for p in student.parameters()]
+        for it in range(cfg.iterations):
+            y = labels[it]
+            z = torch.randn(
+                cfg.batch_size, cfg.nz, generator=generator, device=generator.device
+            ).to(dev)
+            onehot = self._onehot(y)
+            w = alpha[:, y]  # (K, B): teacher k's weight on each sample
+            # generator: one Adam step per participating client, in turn
+            student.eval()
+            if fast:
+                student.requires_grad_(False)
+            self.generator.train()
+            for _ in range(cfg.gen_steps):
+                for j in range(k):
+                    with self._autocast():
                         x = self.generator(z, onehot)
-                        t = net(x)
-                        s = student(x)
-                        l_md = (
-                            md_loss(s, t, w[j], cfg.md_distance, cfg.temperature)
-                            if cfg.hard_mining
-                            else x.new_zeros(())
-                        )
-                        l_cls = cls_loss(t, y, w[j])
-                        l_dis = diversity_loss(z, x)
-                        loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
-                        opt_g.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt_g.step()
-                        student.zero_grad(set_to_none=True)
-                        n_gen += 1
-                        sums["loss_md"] += float(l_md.detach())
-                        sums["loss_cls"] += float(l_cls.detach())
-                        sums["loss_dis"] += float(l_dis.detach())
-                        sums["loss_gen"] += float(loss.detach())
-                # student: G frozen and teachers in eval mode, so the samples and the
-                # teacher target are the same in all student steps: computed once.
-                self.generator.eval()
-                with torch.no_grad():
-                    x = self.generator(z, onehot)
-                    target = ensemble_target(torch.stack([net(x) for net in nets]), w)
-                student.train()
-                for _ in range(cfg.student_steps):
-                    loss = distill_loss(student(x), target)
-                    opt_s.zero_grad(set_to_none=True)
+                        t = upcast(nets.one(j, x))
+                        s = upcast(student(x))
+                    x = upcast(x)
+                    l_md = (
+                        md_loss(s, t, w[j], cfg.md_distance, cfg.temperature)
+                        if cfg.hard_mining
+                        else x.new_zeros(())
+                    )
+                    l_cls = cls_loss(t, y, w[j])
+                    l_dis = diversity_loss(z, x)
+                    loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
+                    opt_g.zero_grad(set_to_none=True)
                     loss.backward()
-                    opt_s.step()
-                    sums["loss_distill"] += float(loss.detach())
+                    opt_g.step()
+                    n_gen += 1
+                    sums["loss_md"] += float(l_md.detach())
+                    sums["loss_cls"] += float(l_cls.detach())
+                    sums["loss_dis"] += float(l_dis.detach())
+                    sums["loss_gen"] += float(loss.detach())
+            for p, flag in zip(student.parameters(), grad_flags, strict=True):
+                p.requires_grad_(flag)
+            # student: distil the weighted teacher ensemble on G's samples
+            self.generator.eval()
+            student.train()
+            for d in range(cfg.student_steps):
+                if d == 0 or not fast:
+                    with torch.no_grad(), self._autocast():
+                        x = self.generator(z, onehot)
+                        target = ensemble_target(upcast(nets.all(x)), w)
+                with self._autocast():
+                    s = upcast(student(x))
+                loss = distill_loss(s, target)
+                opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_s.step()
+                sums["loss_distill"] += float(loss.detach())
         student.eval()
         out = {key: v / max(n_gen, 1) for key, v in sums.items() if key != "loss_distill"}
         out["loss_distill"] = sums["loss_distill"] / (cfg.iterations * cfg.student_steps)

@@ -1,0 +1,114 @@
+"""Several models of one architecture as frozen teachers: stacked (fast) or reloaded (reference).
+
+FedFTG and FedDF query the round's client models many times per server step. `StackedModels`
+keeps the K models as one stacked copy of their parameters and buffers and evaluates all of
+them in one batched call (`torch.func.functional_call` under `vmap`); a single model is a
+view into the stack, so nothing is copied per query. `ReloadingModels` is the simple
+reference with the authors' loop structure: one module whose weights are reloaded from the
+client's state before every forward pass. Both are used in eval mode only and give the same
+numbers (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+State = dict[str, torch.Tensor]
+
+
+def _template(model: nn.Module) -> nn.Module:
+    """A weightless eval-mode copy of ``model`` to run `functional_call` on."""
+    net = copy.deepcopy(model).to("meta")
+    net.eval()
+    return net
+
+
+class StackedModels:
+    """K models held as one stacked copy ((K, ...) per parameter and buffer), eval mode."""
+
+    def __init__(self, template: nn.Module, states: Sequence[State]) -> None:
+        if not states:
+            raise ValueError("StackedModels needs at least one state")
+        self._net = _template(template)
+        names = dict(template.named_parameters()).keys()
+        self.params = {n: torch.stack([s[n].detach() for s in states]) for n in names}
+        self.buffers = {
+            n: torch.stack([s[n].detach() for s in states])
+            for n, _ in template.named_buffers()
+        }
+
+    @classmethod
+    def from_modules(cls, models: Sequence[nn.Module]) -> StackedModels:
+        return cls(models[0], [m.state_dict() for m in models])
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def state(self, j: int) -> State:
+        """Model ``j``'s full state as views into the stack."""
+        return {n: v[j] for n, v in {**self.params, **self.buffers}.items()}
+
+    def one(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits of model ``j`` on ``x`` (differentiable w.r.t. ``x``)."""
+        return functional_call(self._net, self.state(j), (x,))
+
+    def all(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every model on the same ``x``: (K, B, C), in one batched call.
+
+        Under autocast it runs one model after another instead: PyTorch's vmap rule for a
+        convolution with batched weights mixes bf16 inputs with an fp32 bias there.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.stack([self.one(j, x) for j in range(len(self))])
+
+        def run(p: State, b: State) -> torch.Tensor:
+            return functional_call(self._net, (p, b), (x,))
+
+        return vmap(run)(self.params, self.buffers)
+
+
+class ReloadingModels:
+    """Reference path: one module, the client's weights loaded before every forward pass."""
+
+    def __init__(self, template: nn.Module, states: Sequence[State]) -> None:
+        if not states:
+            raise ValueError("ReloadingModels needs at least one state")
+        self._net = copy.deepcopy(template).eval().requires_grad_(False)
+        self._states = list(states)
+
+    @classmethod
+    def from_modules(cls, models: Sequence[nn.Module]) -> ReloadingModels:
+        return cls(models[0], [m.state_dict() for m in models])
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def state(self, j: int) -> State:
+        return self._states[j]
+
+    def one(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Load client ``j``'s weights, then run; backpropagate before the next reload."""
+        self._net.load_state_dict(self._states[j])
+        return self._net(x)
+
+    def all(self, x: torch.Tensor) -> torch.Tensor:
+        """One model after another; each reads its own state, so all stay differentiable."""
+        return torch.stack([functional_call(self._net, s, (x,)) for s in self._states])
+
+
+Teachers = StackedModels | ReloadingModels
+
+
+def as_teachers(
+    teachers: Teachers | Sequence[nn.Module], impl: str = "fast"
+) -> Teachers:
+    """``teachers`` as a teacher set: stacked for impl="fast", reloaded for "reference"."""
+    if isinstance(teachers, (StackedModels, ReloadingModels)):
+        return teachers
+    cls = StackedModels if impl == "fast" else ReloadingModels
+    return cls.from_modules(list(teachers))
