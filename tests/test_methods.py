@@ -141,7 +141,7 @@ def test_scaffold_correction_term_gradient_is_c_minus_ck():
         ctx.client_state[n] = torch.randn_like(p)
     term = sc.begin(model, ctx)
     x = torch.randn(4, 1, 4, 4)
-    term(model.features(x), None, x).backward()
+    term(dict(model.named_parameters()), model.features(x), None, x).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ctx.server_state[n] - ctx.client_state[n])
 
@@ -158,7 +158,7 @@ def test_feddyn_term_gradient():
             p.add_(torch.randn_like(p) * 0.1)
     term = dyn.begin(model, ctx)
     x = torch.randn(4, 1, 4, 4)
-    term(model.features(x), None, x).backward()
+    term(dict(model.named_parameters()), model.features(x), None, x).backward()
     for n, p in model.named_parameters():
         expected = -ctx.client_state[n] + 0.3 * (p.detach() - ctx.global_state[n])
         torch.testing.assert_close(p.grad, expected)

@@ -8,7 +8,6 @@ not depend on execution order.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,9 @@ from fedftg.methods.client import (
     detached_state,
     train_local,
 )
+from fedftg.methods.vectorised import train_local_vmap
 from fedftg.models import build_model
+from fedftg.models.stacked import ReloadingModels, StackedModels, Teachers
 from fedftg.seeding import derive_seed, numpy_rng, torch_rng
 
 
@@ -44,7 +45,7 @@ class ServerPlugin(Protocol):
     def step(
         self,
         student: nn.Module,
-        teachers: list[nn.Module],
+        teachers: Teachers,
         counts: np.ndarray,
         round_idx: int,
         generator: torch.Generator,
@@ -199,13 +200,25 @@ def server_plugin(cfg: RunConfig, name: str | None, ds: Dataset, device: torch.d
         from fedftg.methods.ftg import FTGServer
 
         return FTGServer(
-            cfg.ftg, ds.num_classes, ds.channels, ds.image_size, device=device, seed=cfg.seed
+            cfg.ftg,
+            ds.num_classes,
+            ds.channels,
+            ds.image_size,
+            device=device,
+            seed=cfg.seed,
+            precision=cfg.precision,
         )
     if name == "df":
         from fedftg.methods.feddf import FedDFServer
 
         return FedDFServer(
-            cfg.df, ds.num_classes, ds.channels, ds.image_size, device=device, seed=cfg.seed
+            cfg.df,
+            ds.num_classes,
+            ds.channels,
+            ds.image_size,
+            device=device,
+            seed=cfg.seed,
+            precision=cfg.precision,
         )
     raise ValueError(f"unknown server plug-in {name!r}")
 
@@ -225,6 +238,7 @@ def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
         momentum=cfg.momentum,
         clip=cfg.clip,
         augment=aug,
+        precision=cfg.precision,
     )
 
 
@@ -255,7 +269,6 @@ class ServerRunner:
         self.model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
         self.model.load_state_dict(init_state)
         self.model.to(device)
-        self._teachers: list[nn.Module] = []
         self.state = MethodState(
             global_state=detached_state(self.model),
             server_state=self.method.init_server_state(self.model),
@@ -301,14 +314,21 @@ class ServerRunner:
         record["elapsed_s"] = st.elapsed_s
         return record
 
-    def _teacher_models(self, results: list[LocalResult]) -> list[nn.Module]:
-        """The round's client models as modules (a reused pool, one per participant)."""
-        while len(self._teachers) < len(results):
-            self._teachers.append(copy.deepcopy(self.model))
-        for net, r in zip(self._teachers, results, strict=False):
-            net.load_state_dict(r.state)
-            net.eval()
-        return self._teachers[: len(results)]
+    def _teacher_models(self, results: list[LocalResult]) -> Teachers:
+        """The round's client models as a teacher set for the plug-in.
+
+        Fast: one stacked copy of the K states; each result's state then becomes views into
+        it, so the server holds the clients' weights once. Reference: the authors' loop
+        structure, one module reloaded with a client's state before every forward.
+        """
+        plugin_cfg = self.plugin.cfg
+        states = [r.state for r in results]
+        if plugin_cfg.impl == "reference":
+            return ReloadingModels(self.model, states)
+        stacked = StackedModels(self.model, states)
+        for j, r in enumerate(results):
+            r.state = stacked.state(j)
+        return stacked
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue this method after its last completed round."""
@@ -369,20 +389,21 @@ class MethodRunner(ServerRunner):
         start = time.perf_counter()
         selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
         spec = local_spec(cfg, setup.dataset, t)
-        results: list[LocalResult] = []
-        histograms = []
+        ctxs, idxs, gens, histograms = [], [], [], []
         for k in map(int, selected):
             if k not in st.client_states:
                 st.client_states[k] = self.method.init_client_state(self.model)
-            ctx = LocalContext(
-                global_state=st.global_state,
-                client_state=st.client_states[k],
-                server_state=st.server_state,
-                num_clients=cfg.clients,
+            ctxs.append(
+                LocalContext(
+                    global_state=st.global_state,
+                    client_state=st.client_states[k],
+                    server_state=st.server_state,
+                    num_clients=cfg.clients,
+                )
             )
             idx = setup.client_indices[k]
-            gen = torch_rng(cfg.seed, "local", t, k, device=setup.device)
-            results.append(train_local(self.model, setup.train, idx, self.method, ctx, spec, gen))
+            idxs.append(idx)
+            gens.append(torch_rng(cfg.seed, "local", t, k, device=setup.device))
             histograms.append(
                 label_histogram(
                     setup.train.y[idx],
@@ -392,7 +413,29 @@ class MethodRunner(ServerRunner):
                     k,
                 )
             )
+        results: list[LocalResult]
+        if self._vectorise_clients():
+            results = train_local_vmap(self.model, setup.train, idxs, self.method, ctxs, spec, gens)
+        else:  # the reference: one client after another
+            results = [
+                train_local(self.model, setup.train, idx, self.method, ctx, spec, gen)
+                for idx, ctx, gen in zip(idxs, ctxs, gens, strict=True)
+            ]
         return self.server_update(results, histograms, start)
+
+    def _vectorise_clients(self) -> bool:
+        """Whether the round's clients train together (`train_local_vmap`) or in turn.
+
+        ``auto`` vectorises on CUDA only. Measured on a shared 2-core CPU (1 thread), the
+        vmapped step (grouped convolutions over the client dimension) is slower than the
+        plain loop: digits/cnn 0.17 vs 0.13 s per round, ResNet-18 at 32x32 with 10 clients
+        x 50 samples 4.7-6.0 vs 1.7-2.8 s. On an H100 it is faster: ResNet-18 10 clients x
+        500 samples 0.55-0.64 vs 1.3 s, 10 x 50 0.08-0.12 vs 0.19-0.2 s.
+        """
+        mode = self.cfg.client_batching
+        if mode == "auto":
+            return self.setup.device.type == "cuda"
+        return mode == "vmap"
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -10,18 +10,46 @@ over Flower).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedftg.data.batches import DeviceArrays, augment, epoch_batches, step_batches
 from fedftg.methods.aggregation import State, weighted_average
+from fedftg.precision import autocast
 
-# (features, logits) -> extra loss term
-Term = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Tensors = dict[str, torch.Tensor]
+# fn(params, client, shared, features, logits, x) -> extra loss term
+TermFn = Callable[
+    [Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
+@dataclass
+class Term:
+    """A method's extra loss term, with its inputs passed explicitly.
+
+    ``fn(params, client, shared, feats, logits, x)`` is a pure function of the trained
+    parameters (``params``, by name), this client's tensors (``client``: anchors,
+    corrections, its previous model) and the tensors common to every client of the round
+    (``shared``: the global model). Nothing per-client is captured in ``fn``, so one
+    definition serves the sequential loop (``term(params, ...)``) and the vectorised path,
+    which stacks ``client`` over clients and vmaps ``fn`` over it.
+    """
+
+    fn: TermFn
+    client: Tensors = field(default_factory=dict)
+    shared: Tensors = field(default_factory=dict)
+
+    def __call__(
+        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        return self.fn(params, self.client, self.shared, feats, logits, x)
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,7 @@ class LocalSpec:
     momentum: float = 0.0
     clip: float = 0.0
     augment: bool = False
+    precision: str = "fp32"  # "bf16": forward and loss under bf16 autocast
 
 
 @dataclass
@@ -111,13 +140,12 @@ class FedProx(ClientMethod):
         self.mu = mu
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        params = dict(model.named_parameters())
-        anchors = {n: ctx.global_state[n] for n in param_names(model)}
+        return Term(self._term, shared={n: ctx.global_state[n] for n in param_names(model)})
 
-        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return 0.5 * self.mu * _sq_dist(params, anchors)
-
-        return term
+    def _term(
+        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
+    ) -> torch.Tensor:
+        return 0.5 * self.mu * _sq_dist(params, shared)
 
 
 class _ParameterStateMethod(ClientMethod):
@@ -145,9 +173,13 @@ class Scaffold(_ParameterStateMethod):
         self.server_lr = server_lr
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        params = dict(model.named_parameters())
         correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
-        return lambda feats, logits, x: _dot(params, correction)
+        return Term(self._term, client=correction)
+
+    def _term(
+        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
+    ) -> torch.Tensor:
+        return _dot(params, client)
 
     def finish(
         self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
@@ -191,14 +223,17 @@ class FedDyn(_ParameterStateMethod):
         self.alpha = alpha
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        params = dict(model.named_parameters())
-        anchors = {n: ctx.global_state[n] for n in param_names(model)}
-        grads = ctx.client_state
+        names = param_names(model)
+        return Term(
+            self._term,
+            client={n: ctx.client_state[n] for n in names},
+            shared={n: ctx.global_state[n] for n in names},
+        )
 
-        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return -_dot(params, grads) + 0.5 * self.alpha * _sq_dist(params, anchors)
-
-        return term
+    def _term(
+        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
+    ) -> torch.Tensor:
+        return -_dot(params, client) + 0.5 * self.alpha * _sq_dist(params, shared)
 
     def finish(
         self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
@@ -239,16 +274,23 @@ class Moon(ClientMethod):
         self.tau = tau
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        global_net = _frozen_copy(model, ctx.global_state)
-        prev_net = _frozen_copy(model, ctx.client_state or ctx.global_state)
+        net = functional_template(model, train=False)
 
-        def term(feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                z_glob = global_net.features(x)
-                z_prev = prev_net.features(x)
+        def term(
+            params: Tensors,
+            client: Tensors,
+            shared: Tensors,
+            feats: torch.Tensor,
+            logits: torch.Tensor,
+            x: torch.Tensor,
+        ) -> torch.Tensor:
+            with torch.no_grad():  # both representations are fixed targets (eval mode)
+                z_glob = call_model(net, shared, x)[0]
+                z_prev = call_model(net, client, x)[0]
             return self.mu * moon_contrastive(feats, z_glob, z_prev, self.tau)
 
-        return term
+        prev = dict(ctx.client_state or ctx.global_state)
+        return Term(term, client=prev, shared=dict(ctx.global_state))
 
     def finish(
         self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
@@ -290,6 +332,15 @@ def build_method(
     raise ValueError(f"unknown client method {name!r}")
 
 
+def local_batches(
+    indices: torch.Tensor, spec: LocalSpec, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The client's index batches for one round (lazy: draws from ``gen`` as it goes)."""
+    if spec.steps is not None:
+        return step_batches(indices, spec.batch_size, spec.steps, gen)
+    return (b for _ in range(spec.epochs) for b in epoch_batches(indices, spec.batch_size, gen))
+
+
 def train_local(
     model: nn.Module,
     data: DeviceArrays,
@@ -301,31 +352,28 @@ def train_local(
 ) -> LocalResult:
     """Train ``model`` from the global state on the client's ``indices``; the one loop.
 
-    Loss = mean cross-entropy + the method's term; SGD with weight decay and momentum,
-    gradient-norm clipping at ``spec.clip`` (0 = off).
+    Loss = mean cross-entropy + the method's term (under bf16 autocast when
+    ``spec.precision`` says so); SGD with weight decay and momentum, gradient-norm clipping
+    at ``spec.clip`` (0 = off). The reference for `train_local_vmap`.
     """
     model.load_state_dict(ctx.global_state)
     model.train()
     term = method.begin(model, ctx)
+    params = dict(model.named_parameters())
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
-    if spec.steps is not None:
-        batches = step_batches(indices, spec.batch_size, spec.steps, gen)
-    else:
-        batches = (
-            b for _ in range(spec.epochs) for b in epoch_batches(indices, spec.batch_size, gen)
-        )
     steps, loss_sum = 0, 0.0
-    for idx in batches:
+    for idx in local_batches(indices, spec, gen):
         x, y = data.batch(idx)
         if spec.augment:
             x = augment(x, gen)
-        feats = model.features(x)
-        logits = model.classifier(feats)
-        loss = F.cross_entropy(logits, y)
-        if term is not None:
-            loss = loss + term(feats, logits, x)
+        with autocast(x.device, spec.precision):
+            feats = model.features(x)
+            logits = model.classifier(feats)
+            loss = F.cross_entropy(logits, y)
+            if term is not None:
+                loss = loss + term(params, feats, logits, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip > 0:
@@ -343,6 +391,47 @@ def train_local(
     )
 
 
+class _FeaturesLogits(nn.Module):
+    """Wraps a classifier so one `functional_call` returns (features, logits)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.net.features(x)
+        return feats, self.net.classifier(feats)
+
+
+_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def functional_template(model: nn.Module, train: bool) -> nn.Module:
+    """A weightless (meta) copy of ``model`` in train or eval mode for `call_model`.
+
+    Cached per model and mode: it only carries the architecture; every parameter and
+    buffer is supplied at each call.
+    """
+    cached = _TEMPLATES.setdefault(model, {})
+    if train not in cached:
+        net = _FeaturesLogits(copy.deepcopy(model).to("meta"))
+        cached[train] = net.train(train)
+    return cached[train]
+
+
+def call_model(
+    template: nn.Module, state: Tensors, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of the model with parameters and buffers ``state`` on ``x``.
+
+    Works under `torch.func.vmap` with batched ``state`` (one model per client); in train
+    mode BatchNorm updates the running statistics in ``state`` in place.
+    """
+    return functional_call(template, {"net." + k: v for k, v in state.items()}, (x,))
+
+
 def _zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
 
@@ -353,12 +442,3 @@ def _dot(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> tor
 
 def _sq_dist(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]
-
-
-def _frozen_copy(model: nn.Module, state: State) -> nn.Module:
-    net = copy.deepcopy(model)
-    net.load_state_dict(state)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net

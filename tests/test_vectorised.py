@@ -1,0 +1,228 @@
+"""Vectorised local training (`train_local_vmap`) against the sequential `train_local`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedftg.config import RunConfig
+from fedftg.data.batches import DeviceArrays
+from fedftg.engine.simulation import MethodRunner, prepare
+from fedftg.methods.client import (
+    ClientMethod,
+    LocalContext,
+    LocalResult,
+    LocalSpec,
+    build_method,
+    detached_state,
+    train_local,
+)
+from fedftg.methods.vectorised import train_local_vmap
+from fedftg.models import build_model
+
+METHODS = ["fedavg", "fedprox", "scaffold", "feddyn", "moon"]
+
+
+class TinyNet(nn.Module):
+    """A minimal classifier with the package's features/classifier split and BatchNorm."""
+
+    def __init__(self, d_in: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.classifier = nn.Linear(8, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _data(n: int, channels: int, size: int, classes: int, seed: int = 0) -> DeviceArrays:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, channels, size, size), dtype=np.uint8)
+    y = rng.integers(0, classes, size=n)
+    return DeviceArrays(x, y, (0.5,) * channels, (0.25,) * channels)
+
+
+def _method(name: str) -> ClientMethod:
+    # strong terms, so a wrong per-client anchor or correction shows
+    return build_method(name, prox_mu=0.5, feddyn_alpha=0.3, moon_mu=1.0, moon_tau=0.5)
+
+
+def _contexts(model: nn.Module, method: ClientMethod, n: int, seed: int) -> list[LocalContext]:
+    """Contexts with non-trivial, different per-client states (fresh tensors each call)."""
+    gen = torch.Generator().manual_seed(seed)
+    init = detached_state(model)
+
+    def noisy(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        return {
+            k: v + scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+
+    server = noisy(method.init_server_state(model), 0.1)
+    out = []
+    for k in range(n):
+        if method.name == "moon":  # the first client has no previous model yet
+            client = {} if k == 0 else noisy(init, 0.2)
+        else:
+            client = noisy(method.init_client_state(model), 0.1)
+        out.append(LocalContext(init, client, dict(server), num_clients=n))
+    return out
+
+
+def _both_paths(
+    model: nn.Module,
+    data: DeviceArrays,
+    sizes: list[int],
+    method: ClientMethod,
+    spec: LocalSpec,
+) -> tuple[list[LocalResult], list[LocalResult], list[LocalContext], list[LocalContext]]:
+    """Sequential and vectorised results (and contexts) from the same starting point."""
+    starts = np.cumsum([0, *sizes])
+    idxs = [torch.arange(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    ctx_seq = _contexts(model, method, len(sizes), seed=7)
+    ctx_vec = _contexts(model, method, len(sizes), seed=7)
+    seq = [
+        train_local(model, data, idx, method, ctx, spec, torch.Generator().manual_seed(10 + k))
+        for k, (idx, ctx) in enumerate(zip(idxs, ctx_seq, strict=True))
+    ]
+    model.load_state_dict(ctx_seq[0].global_state)
+    gens = [torch.Generator().manual_seed(10 + k) for k in range(len(sizes))]
+    vec = train_local_vmap(model, data, idxs, method, ctx_vec, spec, gens)
+    return seq, vec, ctx_seq, ctx_vec
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(1.0, float(a[k].abs().max())) if a[k].numel() else 1.0
+        torch.testing.assert_close(b[k], a[k], atol=atol * scale, rtol=0, msg=k)
+
+
+def _assert_same(seq, vec, ctx_seq, ctx_vec, atol: float = 1e-5) -> None:
+    assert len(seq) == len(vec)
+    for a, b, ca, cb in zip(seq, vec, ctx_seq, ctx_vec, strict=True):
+        assert (a.steps, a.num_samples) == (b.steps, b.num_samples)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5, abs=1e-6)
+        _close(a.state, b.state, atol)  # parameters and BatchNorm buffers
+        _close(a.upload, b.upload, atol)
+        _close(ca.client_state, cb.client_state, atol)  # `finish` hooks ran on the right state
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vmap_matches_sequential_with_ragged_clients(method):
+    """Unequal sizes: 4, 2 and 6 steps per epoch, ragged last batches, momentum, clipping."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    data = _data(100, 1, 4, 3)
+    spec = LocalSpec(
+        lr=0.1, epochs=2, batch_size=8, weight_decay=1e-3, momentum=0.9, clip=0.5, augment=True
+    )
+    # 30 -> 8,8,8,6; 17 -> 8,9 (a lone last sample joins); 45 -> 8,8,8,8,8,5 per epoch
+    seq, vec, ctx_seq, ctx_vec = _both_paths(model, data, [30, 17, 45], _method(method), spec)
+    assert [r.steps for r in seq] == [8, 4, 12]
+    _assert_same(seq, vec, ctx_seq, ctx_vec)
+    # the test can fail: clipping is active here, and a client's result is its own
+    assert not torch.allclose(vec[0].state["classifier.weight"], vec[1].state["classifier.weight"])
+    spec_free = dataclasses.replace(spec, clip=0.0)
+    unclipped = _both_paths(model, data, [30], _method(method), spec_free)[0]
+    free = unclipped[0].state["classifier.weight"]
+    assert not torch.allclose(free, seq[0].state["classifier.weight"])
+
+
+@pytest.mark.parametrize("method", ["fedavg", "scaffold", "moon"])
+def test_vmap_matches_sequential_on_the_cnn(method):
+    """The package's CNN at the digits' 8x8 size, with fixed local steps and augmentation."""
+    torch.manual_seed(1)
+    model = build_model("cnn", 1, 8, 10)
+    data = _data(60, 1, 8, 10)
+    spec = LocalSpec(lr=0.05, steps=3, batch_size=10, weight_decay=1e-3, clip=1.0, augment=True)
+    seq, vec, ctx_seq, ctx_vec = _both_paths(model, data, [25, 20, 15], _method(method), spec)
+    _assert_same(seq, vec, ctx_seq, ctx_vec)
+
+
+def test_vmap_matches_sequential_on_resnet18():
+    """ResNet-18 (BatchNorm2d everywhere) at 32x32: 2 clients, the second with a ragged batch."""
+    torch.manual_seed(2)
+    model = build_model("resnet18", 3, 32, 10)
+    data = _data(11, 3, 32, 10)
+    spec = LocalSpec(lr=0.05, epochs=1, batch_size=4, momentum=0.9, clip=5.0)
+    seq, vec, ctx_seq, ctx_vec = _both_paths(model, data, [4, 7], _method("fedavg"), spec)
+    assert [r.steps for r in seq] == [1, 2]
+    _assert_same(seq, vec, ctx_seq, ctx_vec, atol=1e-4)
+
+
+def test_vmap_rejects_mismatched_inputs():
+    model = TinyNet()
+    ctxs = _contexts(model, ClientMethod(), 2, seed=0)
+    with pytest.raises(ValueError):
+        train_local_vmap(
+            model,
+            _data(8, 1, 4, 3),
+            [torch.arange(4)],
+            ClientMethod(),
+            ctxs,
+            LocalSpec(lr=0.1),
+            [torch.Generator()],
+        )
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_bf16_runs_finite_and_differs_from_fp32(vectorised):
+    torch.manual_seed(3)
+    model = build_model("cnn", 1, 8, 10)
+    data = _data(40, 1, 8, 10)
+    method = _method("fedprox")
+
+    def run(precision: str) -> list[LocalResult]:
+        spec = LocalSpec(lr=0.05, epochs=1, batch_size=10, clip=1.0, precision=precision)
+        seq, vec, *_ = _both_paths(model, data, [20, 20], method, spec)
+        return vec if vectorised else seq
+
+    fp32, bf16 = run("fp32"), run("bf16")
+    for a, b in zip(fp32, bf16, strict=True):
+        assert np.isfinite(b.loss) and b.steps == a.steps
+        assert all(torch.isfinite(v.float()).all() for v in b.state.values())
+        assert b.loss != a.loss
+        assert not torch.equal(a.state["classifier.weight"], b.state["classifier.weight"])
+        # bf16 is an approximation of the same training, not something else
+        torch.testing.assert_close(
+            b.state["classifier.weight"], a.state["classifier.weight"], atol=0.05, rtol=0
+        )
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    cfg = RunConfig(
+        clients=4, participation=1.0, rounds=2, local_epochs=1, alpha=0.5, seed=5, momentum=0.5
+    ).validate()
+    return prepare(cfg)
+
+
+@pytest.mark.parametrize("method", ["scaffold", "moon"])
+def test_engine_vmap_round_matches_sequential(digits_setup, method):
+    """Two rounds of the simulator: same test accuracy and loss either way."""
+    records = {}
+    for mode in ("sequential", "vmap"):
+        cfg = dataclasses.replace(digits_setup.cfg, client_batching=mode)
+        runner = MethodRunner(dataclasses.replace(digits_setup, cfg=cfg), method, None)
+        assert runner._vectorise_clients() == (mode == "vmap")
+        records[mode] = [runner.run_round() for _ in range(2)]
+    for a, b in zip(records["sequential"], records["vmap"], strict=True):
+        # float summation order may flip at most one borderline test sample
+        one_sample = 1.0 / len(digits_setup.test)
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1.01 * one_sample)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_engine_auto_batching_is_sequential_on_cpu(digits_setup):
+    runner = MethodRunner(digits_setup, "fedavg", None)
+    assert digits_setup.cfg.client_batching == "auto"
+    assert runner._vectorise_clients() is (digits_setup.device.type == "cuda")
