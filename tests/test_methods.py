@@ -271,3 +271,19 @@ def test_local_steps_option_runs_exact_number_of_steps():
     model = TinyNet()
     res = _train(ClientMethod(), model, _ctx(model, ClientMethod()), steps=13)
     assert res.steps == 13
+
+
+def test_a_client_without_samples_trains_no_steps():
+    from fedftg.data.batches import step_batches
+
+    empty = torch.zeros(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    assert list(epoch_batches(empty, 8, gen)) == []
+    assert list(step_batches(empty, 8, 5, gen)) == []
+    model = TinyNet()
+    ctx = _ctx(model, ClientMethod())
+    spec = LocalSpec(lr=0.1, epochs=2, batch_size=8)
+    result = train_local(model, _data(), empty, ClientMethod(), ctx, spec, gen)
+    assert result.steps == 0 and result.num_samples == 0
+    for k, v in result.state.items():
+        assert torch.equal(v, ctx.global_state[k])

@@ -70,7 +70,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
 def epoch_batches(
     indices: torch.Tensor, batch_size: int, gen: torch.Generator
 ) -> Iterator[torch.Tensor]:
-    """One shuffled pass over ``indices`` in batches (the last one may be smaller)."""
+    """One shuffled pass over ``indices`` in batches (the last one may be smaller).
+
+    A client without samples gets no batches (and consumes no randomness).
+    """
+    if len(indices) == 0:
+        return
     perm = torch.randperm(len(indices), generator=gen, device=gen.device).to(indices.device)
     shuffled = indices[perm]
     starts = list(range(0, len(shuffled), batch_size))
@@ -84,7 +89,9 @@ def epoch_batches(
 def step_batches(
     indices: torch.Tensor, batch_size: int, steps: int, gen: torch.Generator
 ) -> Iterator[torch.Tensor]:
-    """Exactly ``steps`` batches, reshuffling after each full pass."""
+    """Exactly ``steps`` batches, reshuffling after each full pass (none without samples)."""
+    if len(indices) == 0:
+        return
     done = 0
     while done < steps:
         for idx in epoch_batches(indices, batch_size, gen):
