@@ -1,4 +1,4 @@
-"""The `fedftg` command: `run` experiments and inspect a `partition`.
+"""The `fedftg` command: `run` experiments, inspect a `partition`, `bench` the fast paths.
 
 Every setting of `RunConfig` is a flag (`--local-epochs 5`, `--ftg-iterations 10`); a TOML
 file given with `--config` is applied first, flags override it. Bad input ends with one
@@ -204,6 +204,67 @@ def cmd_partition(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from fedftg.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        command=ns.benchmark,
+        model=ns.model,
+        dataset=ns.dataset,
+        clients=ns.clients,
+        samples_per_client=ns.samples_per_client,
+        local_epochs=ns.local_epochs,
+        batch_size=ns.batch_size,
+        device=ns.device,
+        precision=ns.precision,
+        repeats=ns.repeats,
+        test_samples=ns.test_samples,
+        reference=ns.reference,
+    )
+    print(json.dumps(run_bench(settings)))
+    return 0
+
+
+def _add_bench_parser(subs: Any) -> None:
+    bench = subs.add_parser(
+        "bench",
+        help="time the fast path against the reference path; one JSON object on stdout",
+    )
+    bench.add_argument(
+        "benchmark",
+        choices=("ftg-step", "round"),
+        metavar="{ftg-step,round}",
+        help="ftg-step: one FedFTG server step; round: one fedavg+ftg round",
+    )
+    bench.add_argument("--model", default="resnet18", help="cnn, resnet18, resnet18-gn [resnet18]")
+    bench.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="digits, mnist, fmnist, cifar10, cifar100: only its shape and class count are "
+        "used, the inputs are random [cifar10]",
+    )
+    ints = {
+        "clients": (10, "clients K, all taking part"),
+        "samples_per_client": (500, "training samples per client"),
+        "local_epochs": (5, "local epochs (round)"),
+        "batch_size": (50, "local batch and generated batch B"),
+        "repeats": (3, "timed repeats after one warm-up; medians are reported"),
+        "test_samples": (10_000, "test samples evaluated (round)"),
+    }
+    for name, (default, text) in ints.items():
+        flag = "--" + name.replace("_", "-")
+        bench.add_argument(flag, type=int, default=default, metavar="N", help=f"{text} [{default}]")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N [cpu]")
+    bench.add_argument("--precision", default="fp32", help="fp32 or bf16 [fp32]")
+    bench.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="time the fast path only",
+    )
+    bench.set_defaults(func=cmd_bench)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -268,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--heatmap", default="partition.png", help="PNG path [partition.png]")
     _add_config_flags(part)
     part.set_defaults(func=cmd_partition)
+
+    _add_bench_parser(subs)
     return parser
 
 
