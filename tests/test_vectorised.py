@@ -23,23 +23,9 @@ from fedftg.methods.client import (
 )
 from fedftg.methods.vectorised import train_local_vmap
 from fedftg.models import build_model
+from test_methods import TinyNet
 
 METHODS = ["fedavg", "fedprox", "scaffold", "feddyn", "moon"]
-
-
-class TinyNet(nn.Module):
-    """A minimal classifier with the package's features/classifier split and BatchNorm."""
-
-    def __init__(self, d_in: int = 16, classes: int = 3) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 8), nn.BatchNorm1d(8), nn.ReLU())
-        self.classifier = nn.Linear(8, classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
 
 def _data(n: int, channels: int, size: int, classes: int, seed: int = 0) -> DeviceArrays:

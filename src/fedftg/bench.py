@@ -36,15 +36,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedftg.config import PRECISIONS, RunConfig
-from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import Dataset
 from fedftg.engine.simulation import (
     MethodRunner,
     Setup,
-    initial_state,
     resolve_device,
     server_plugin,
-    split_clients,
+    setup_from_dataset,
 )
 from fedftg.errors import UserError
 from fedftg.methods.aggregation import State, weighted_average
@@ -162,22 +160,6 @@ def synthetic_dataset(s: BenchSettings) -> Dataset:
         classes=tuple(str(c) for c in range(classes)),
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
-    )
-
-
-def make_setup(cfg: RunConfig, ds: Dataset) -> Setup:
-    """What `simulation.prepare` builds, from an in-memory dataset."""
-    device = resolve_device(cfg.device)
-    part = split_clients(cfg, ds)
-    return Setup(
-        cfg=cfg,
-        dataset=ds,
-        partition=part,
-        train=DeviceArrays(ds.train_x, ds.train_y, ds.mean, ds.std, device),
-        test=DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std, device),
-        client_indices=[torch.as_tensor(ix, device=device) for ix in part.client_indices],
-        init_state=initial_state(cfg, ds),
-        device=device,
     )
 
 
@@ -332,7 +314,7 @@ def units(s: BenchSettings) -> Units:
     `FlopCounterMode` counts) several times the per-client work.
     """
     fast_cfg = s.run_config(fast=True)
-    setup = make_setup(fast_cfg, synthetic_dataset(s))
+    setup = setup_from_dataset(fast_cfg, synthetic_dataset(s))
     ref_setup = dataclasses.replace(setup, cfg=s.run_config(fast=False))
     ftg = fast_cfg.ftg
     if s.command == "ftg-step":

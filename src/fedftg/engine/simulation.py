@@ -129,8 +129,12 @@ def initial_state(cfg: RunConfig, ds: Dataset) -> State:
 
 def prepare(cfg: RunConfig) -> Setup:
     """Load data, partition it and build the initial model (seeded)."""
+    return setup_from_dataset(cfg, load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download))
+
+
+def setup_from_dataset(cfg: RunConfig, ds: Dataset) -> Setup:
+    """Partition an already loaded dataset, put it on the device, build the initial model."""
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     part = split_clients(cfg, ds)
     return Setup(
         cfg=cfg,
@@ -197,30 +201,24 @@ def server_plugin(cfg: RunConfig, name: str | None, ds: Dataset, device: torch.d
     if name is None:
         return None
     if name == "ftg":
-        from fedftg.methods.ftg import FTGServer
+        from fedftg.methods.ftg import FTGServer as server_cls
 
-        return FTGServer(
-            cfg.ftg,
-            ds.num_classes,
-            ds.channels,
-            ds.image_size,
-            device=device,
-            seed=cfg.seed,
-            precision=cfg.precision,
-        )
-    if name == "df":
-        from fedftg.methods.feddf import FedDFServer
+        plugin_cfg = cfg.ftg
+    elif name == "df":
+        from fedftg.methods.feddf import FedDFServer as server_cls
 
-        return FedDFServer(
-            cfg.df,
-            ds.num_classes,
-            ds.channels,
-            ds.image_size,
-            device=device,
-            seed=cfg.seed,
-            precision=cfg.precision,
-        )
-    raise ValueError(f"unknown server plug-in {name!r}")
+        plugin_cfg = cfg.df
+    else:
+        raise ValueError(f"unknown server plug-in {name!r}")
+    return server_cls(
+        plugin_cfg,
+        ds.num_classes,
+        ds.channels,
+        ds.image_size,
+        device=device,
+        seed=cfg.seed,
+        precision=cfg.precision,
+    )
 
 
 def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:

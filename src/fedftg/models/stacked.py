@@ -38,8 +38,7 @@ class StackedModels:
         names = dict(template.named_parameters()).keys()
         self.params = {n: torch.stack([s[n].detach() for s in states]) for n in names}
         self.buffers = {
-            n: torch.stack([s[n].detach() for s in states])
-            for n, _ in template.named_buffers()
+            n: torch.stack([s[n].detach() for s in states]) for n, _ in template.named_buffers()
         }
 
     @classmethod
@@ -104,9 +103,7 @@ class ReloadingModels:
 Teachers = StackedModels | ReloadingModels
 
 
-def as_teachers(
-    teachers: Teachers | Sequence[nn.Module], impl: str = "fast"
-) -> Teachers:
+def as_teachers(teachers: Teachers | Sequence[nn.Module], impl: str = "fast") -> Teachers:
     """``teachers`` as a teacher set: stacked for impl="fast", reloaded for "reference"."""
     if isinstance(teachers, (StackedModels, ReloadingModels)):
         return teachers
