@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedftg.cli import main
+from test_cli import _run
 
 TINY = [
     "--model",
@@ -61,15 +61,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _run(capsys, args: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("command", ["ftg-step", "round"])
