@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from fedftg.config import RunConfig
-from fedftg.engine.simulation import MethodRunner, evaluate, label_histogram, prepare
+from fedftg.engine.simulation import (
+    MethodRunner,
+    evaluate,
+    evaluate_ensemble,
+    label_histogram,
+    prepare,
+)
+from fedftg.models.stacked import StackedModels
 
 METHODS = ["fedavg", "fedprox", "scaffold", "feddyn", "moon"]
 
@@ -93,3 +102,57 @@ def test_histogram_noise_is_laplace_per_client_and_fixed_across_rounds(setup):
     positive = exact > 5  # away from the clip at 0 the noise is centred, scale 1/eps = 2
     assert abs((many - exact)[:, positive].mean()) < 0.3
     assert 2.2 < (many - exact)[:, positive].std() < 3.4  # Laplace std = sqrt(2) * 2
+
+
+def _trained_models(setup, k: int) -> list[torch.nn.Module]:
+    models = []
+    for j in range(k):
+        torch.manual_seed(j)
+        m = setup.new_model()
+        for p in m.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        models.append(m)
+    return models
+
+
+def test_ensemble_accuracy_matches_a_plain_loop(setup):
+    models = _trained_models(setup, 3)
+    hist = np.array(
+        [
+            [30, 0, 5, 1, 0, 0, 9, 2, 0, 4],
+            [0, 8, 5, 0, 0, 7, 0, 2, 1, 0],
+            [1, 1, 0, 9, 0, 3, 0, 0, 6, 2],
+        ]
+    )
+    got = evaluate_ensemble(StackedModels.from_modules(models), hist, setup.test, batch_size=97)
+    x, y = setup.test.batch(torch.arange(len(setup.test)))
+    with torch.no_grad():
+        probs = np.stack([torch.softmax(m.eval()(x), 1).numpy() for m in models])
+    share = hist / (hist.sum(0, keepdims=True) + 1e-6)
+    uniform = probs.mean(0).argmax(1)
+    by_class = (share[:, None, :] * probs).sum(0).argmax(1)
+    assert got["ensemble_acc"] == pytest.approx(float((uniform == y.numpy()).mean()))
+    assert got["class_ensemble_acc"] == pytest.approx(float((by_class == y.numpy()).mean()))
+    # class 4 is held by nobody: the class-level teacher never predicts it
+    assert not (by_class == 4).any()
+
+
+def test_ensemble_of_one_model_repeated_is_that_model(setup):
+    model = _trained_models(setup, 1)[0]
+    acc, _ = evaluate(model, setup.test)
+    hist = np.array([[5] * 10, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    got = evaluate_ensemble(StackedModels.from_modules([model, model]), hist, setup.test)
+    assert got["ensemble_acc"] == pytest.approx(acc)
+    assert got["class_ensemble_acc"] == pytest.approx(acc)
+
+
+def test_eval_ensemble_records_without_changing_training(setup):
+    plain = MethodRunner(setup, "fedavg", "ftg")
+    probing = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, eval_ensemble=True))
+    probed = MethodRunner(probing, "fedavg", "ftg")
+    a, b = plain.run_round(), probed.run_round()
+    assert "ensemble_acc" not in a
+    assert a["test_acc"] == b["test_acc"] and a["acc_before_server"] == b["acc_before_server"]
+    # heterogeneous clients: the ensemble knows more than their average after 3 local epochs
+    assert b["ensemble_acc"] > b["acc_before_server"]
+    assert 0 < b["class_ensemble_acc"] <= 1

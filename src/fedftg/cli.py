@@ -39,6 +39,8 @@ HELP = {
     "precision": "fp32, or bf16 autocast for local training and the server step",
     "out": "run directory for config.json, metrics.jsonl, summary.json, curves.png",
     "eval_every": "evaluate on the full test set every k rounds (and at the last)",
+    "eval_ensemble": "also record the test accuracy of the round's client models as an "
+    "ensemble (ensemble_acc, class_ensemble_acc): the knowledge averaging lost",
     "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",
 }
 

@@ -78,6 +78,7 @@ class RunConfig:
     # evaluation and bookkeeping
     eval_every: int = 1
     eval_batch_size: int = 1000
+    eval_ensemble: bool = False
     seed: int = 0
     device: str = "cpu"
     client_batching: str = "auto"

@@ -23,7 +23,13 @@ from fedftg.report.files import atomic_write
 
 MAGIC = b"FEDFTGC1"
 # settings that may change between a run and its resume without changing the results
-RESUMABLE_CHANGES = ("out", "device", "eval_batch_size", "checkpoint_every")
+RESUMABLE_CHANGES = (
+    "out",
+    "device",
+    "eval_batch_size",
+    "eval_ensemble",
+    "checkpoint_every",
+)
 
 
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from fedftg.methods.client import (
     detached_state,
     train_local,
 )
+from fedftg.methods.ftg import class_weights
 from fedftg.methods.vectorised import train_local_vmap
 from fedftg.models import build_model
 from fedftg.models.stacked import ReloadingModels, StackedModels, Teachers
@@ -166,6 +167,33 @@ def evaluate(model: nn.Module, data: DeviceArrays, batch_size: int = 1000) -> tu
     return correct / n, loss_sum / n
 
 
+@torch.no_grad()
+def evaluate_ensemble(
+    teachers: Teachers, histograms: np.ndarray, data: DeviceArrays, batch_size: int = 1000
+) -> dict[str, float]:
+    """Test accuracy of the round's client models used together, before any server step.
+
+    ensemble_acc: argmax of the clients' mean softmax. class_ensemble_acc: class c scores
+    sum_k alpha_k^c softmax_c(t_k(x)) with FedFTG's class-level weights, i.e. the teacher
+    that FedFTG distils from, used as a classifier. Their lead over the aggregated model is
+    the knowledge averaging lost: what a server-side distillation step can hope to recover.
+    """
+    weights = {
+        "ensemble_acc": class_weights(histograms, "uniform"),
+        "class_ensemble_acc": class_weights(histograms, "class"),
+    }
+    weights = {k: w.to(data.y.device) for k, w in weights.items()}
+    correct = dict.fromkeys(weights, 0)
+    for idx in eval_batches(len(data), batch_size, data.y.device):
+        x, y = data.batch(idx)
+        probs = F.softmax(teachers.all(x).float(), dim=-1)  # (K, B, C)
+        for key, w in weights.items():
+            pred = (w.unsqueeze(1) * probs).sum(dim=0).argmax(dim=1)
+            correct[key] += int((pred == y).sum())
+    n = max(len(data), 1)
+    return {k: c / n for k, c in correct.items()}
+
+
 def label_histogram(
     labels: torch.Tensor, num_classes: int, epsilon: float = 0.0, seed: int = 0, client: int = 0
 ) -> np.ndarray:
@@ -287,6 +315,12 @@ class ServerRunner:
             "train_loss": float(np.mean([r.loss for r in results])),
         }
         evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
+        if cfg.eval_ensemble and evaluate_now:
+            uploads = StackedModels(self.model, [r.state for r in results])
+            record.update(
+                evaluate_ensemble(uploads, np.stack(histograms), self.test, cfg.eval_batch_size)
+            )
+            del uploads
         if self.plugin is not None:
             if evaluate_now:
                 acc0, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
@@ -382,6 +416,11 @@ class MethodRunner(ServerRunner):
 
     def run_round(self) -> dict[str, Any]:
         """One round; returns its metrics record (without the method name)."""
+        return self.server_update(*self.local_round())
+
+    def local_round(self) -> tuple[list[LocalResult], list[np.ndarray], float]:
+        """The selected clients' local training of this round: uploads, label histograms and
+        the round's start time, ready for `server_update`."""
         cfg, setup, st = self.cfg, self.setup, self.state
         t = st.round
         start = time.perf_counter()
@@ -419,7 +458,7 @@ class MethodRunner(ServerRunner):
                 train_local(self.model, setup.train, idx, self.method, ctx, spec, gen)
                 for idx, ctx, gen in zip(idxs, ctxs, gens, strict=True)
             ]
-        return self.server_update(results, histograms, start)
+        return results, histograms, start
 
     def _vectorise_clients(self) -> bool:
         """Whether the round's clients train together (`train_local_vmap`) or in turn.

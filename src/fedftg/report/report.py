@@ -20,7 +20,15 @@ from fedftg.report.files import atomic_write, read_metrics
 from fedftg.report.plots import plt, save_figure
 
 # settings that do not make two runs different experiments
-POOLED = ("seed", "out", "device", "eval_batch_size", "checkpoint_every", "data_dir")
+POOLED = (
+    "seed",
+    "out",
+    "device",
+    "eval_batch_size",
+    "eval_ensemble",
+    "checkpoint_every",
+    "data_dir",
+)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
