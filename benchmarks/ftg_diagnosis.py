@@ -15,6 +15,9 @@ from the same aggregated model and the same uploaded client models:
                       perfect samples
   real_kd_long_acc    real images and --long times more iterations: what the step budget
                       allows
+  ftg_sample_spread   mean L1 distance between generated samples of the same label (0 when
+                      the generator ignores its noise); real_sample_spread: the same for
+                      real images
 
 The lead of the ensembles over avg_acc is the knowledge averaging lost; the rest says how
 much of it each variant recovers. Settings are `fedftg run` settings as key=value pairs.
@@ -46,7 +49,13 @@ from fedftg.engine.simulation import (
     server_plugin,
 )
 from fedftg.errors import UserError
-from fedftg.methods.ftg import class_weights, distill_loss, ensemble_target, sample_labels
+from fedftg.methods.ftg import (
+    class_weights,
+    distill_loss,
+    ensemble_target,
+    sample_labels,
+    within_class_distance,
+)
 from fedftg.models.stacked import StackedModels, Teachers
 from fedftg.report.files import atomic_write
 from fedftg.seeding import torch_rng
@@ -71,8 +80,11 @@ def distill_real(
     round_idx: int,
     iterations: int,
     gen: torch.Generator,
-) -> None:
-    """FedFTG's student phase with real images of the sampled labels in place of G(z, y)."""
+) -> float | None:
+    """FedFTG's student phase with real images of the sampled labels in place of G(z, y).
+
+    Returns the within-class spread of the last batch (to compare with the generator's).
+    """
     opt = torch.optim.SGD(
         student.parameters(),
         lr=cfg.student_lr * cfg.lr_decay**round_idx,
@@ -96,6 +108,7 @@ def distill_real(
             loss.backward()
             opt.step()
     student.eval()
+    return within_class_distance(x, y_real)
 
 
 def diagnose(cfg: RunConfig, long: int) -> list[dict[str, float]]:
@@ -114,16 +127,20 @@ def diagnose(cfg: RunConfig, long: int) -> list[dict[str, float]]:
         row = {"round": t + 1, "avg_acc": rec["test_acc"]}
         row.update(evaluate_ensemble(teachers, counts, setup.test, cfg.eval_batch_size))
         student = copy.deepcopy(runner.model)
-        ftg.step(student, teachers, counts, t, torch_rng(cfg.seed, "server", t))
+        metrics = ftg.step(student, teachers, counts, t, torch_rng(cfg.seed, "server", t))
         row["ftg_acc"] = evaluate(student, setup.test)[0]
+        row["ftg_sample_spread"] = metrics.get("sample_spread")
         for key, iters in (
             ("real_kd_acc", cfg.ftg.iterations),
             ("real_kd_long_acc", long * cfg.ftg.iterations),
         ):
             student = copy.deepcopy(runner.model)
             gen = torch_rng(cfg.seed, "diagnosis", t, device=setup.device)
-            distill_real(student, teachers, counts, setup.train, pool, cfg.ftg, t, iters, gen)
+            spread = distill_real(
+                student, teachers, counts, setup.train, pool, cfg.ftg, t, iters, gen
+            )
             row[key] = evaluate(student, setup.test)[0]
+        row["real_sample_spread"] = spread
         records.append(row)
         print(
             " ".join(
@@ -160,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     keys = [k for k in records[0] if k != "round"]
-    mean = {k: float(np.mean([r[k] for r in records])) for k in keys}
+    mean = {k: float(np.mean([r[k] for r in records if r[k] is not None])) for k in keys}
     print("mean over rounds: " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
     if args.out:
         text = "".join(json.dumps(r) + "\n" for r in records)

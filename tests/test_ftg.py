@@ -22,6 +22,7 @@ from fedftg.methods.ftg import (
     ensemble_target,
     md_loss,
     sample_labels,
+    within_class_distance,
 )
 
 C = 4
@@ -133,6 +134,18 @@ def test_diversity_loss_equals_double_loop():
     assert torch.isfinite(xg.grad).all()
 
 
+def test_within_class_distance_by_hand_and_zero_at_collapse():
+    x = torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, 2.0], [5.0, 5.0]]).view(4, 1, 1, 2)
+    y = torch.tensor([0, 0, 1, 2])
+    assert within_class_distance(x, y) == pytest.approx(2.0)  # only pair (0, 1): (1 + 3) / 2
+    y3 = torch.tensor([0, 0, 0, 1])
+    pairs = [(0, 1, 2.0), (0, 2, 2.0), (1, 2, 1.0)]
+    assert within_class_distance(x, y3) == pytest.approx(sum(d for *_, d in pairs) / 3)
+    collapsed = torch.ones(4, 1, 1, 2)
+    assert within_class_distance(collapsed, y3) == 0.0
+    assert within_class_distance(x, torch.arange(4)) is None
+
+
 def test_ensemble_target_and_distill_loss():
     torch.manual_seed(3)
     logits, w = torch.randn(2, 3, C), torch.tensor([[0.25, 1.0, 0.0], [0.75, 0.0, 1.0]])
@@ -203,6 +216,7 @@ def test_step_moves_student_toward_ensemble_and_leaves_teachers_alone():
             assert torch.equal(v, saved[k])
         assert not t.training
     assert set(metrics) >= {"loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"}
+    assert metrics["sample_spread"] > 0  # batch 50 over few classes: same-label pairs exist
 
 
 def test_generator_state_persists_across_rounds_and_checkpoints():

@@ -135,6 +135,22 @@ def distill_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return -(target * F.log_softmax(student_logits, dim=1)).mean()
 
 
+def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean L1 distance (per pixel) between samples that share a label; None without pairs.
+
+    A collapse detector: a generator that ignores its noise gives the same image for every
+    z of a class, and this falls to 0, while the diversity term (which mostly sees pairs of
+    different classes) barely moves.
+    """
+    flat = x.detach().float().reshape(x.shape[0], -1)
+    dist = torch.cdist(flat, flat, p=1) / flat.shape[1]
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    same.fill_diagonal_(False)
+    if not bool(same.any()):
+        return None
+    return float(dist[same].mean())
+
+
 # ---------------------------------------------------------------------- the server step
 
 
@@ -347,6 +363,9 @@ class FTGServer:
         student.eval()
         out = {key: v / max(n_gen, 1) for key, v in sums.items() if key != "loss_distill"}
         out["loss_distill"] = sums["loss_distill"] / (cfg.iterations * cfg.student_steps)
+        spread = within_class_distance(x, y)
+        if spread is not None:
+            out["sample_spread"] = spread
         return out
 
     @torch.no_grad()
