@@ -38,7 +38,7 @@ import sys
 import numpy as np
 import torch
 
-from fedftg.config import FTGConfig, RunConfig, apply_overrides
+from fedftg.config import FTGConfig, RunConfig, apply_overrides, nest_dotted
 from fedftg.data.batches import DeviceArrays
 from fedftg.engine.simulation import (
     MethodRunner,
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", type=int, default=10, help="iteration multiple for real_kd_long")
     parser.add_argument("--out", help="write the per-round records here (JSON lines)")
     args = parser.parse_intermixed_args(argv)
-    values: dict = {}
+    flat: dict[str, str] = {}
     for item in args.settings:
         key, eq, value = item.partition("=")
         if not eq:
@@ -165,13 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: settings must be key=value (ftg.key=value), got {item!r}", file=sys.stderr
             )
             return 2
-        section, dot, name = key.partition(".")
-        if dot:
-            values.setdefault(section, {})[name] = value
-        else:
-            values[key] = value
+        flat[key] = value
     try:
-        cfg = apply_overrides(RunConfig(), values).validate()
+        cfg = apply_overrides(RunConfig(), nest_dotted(flat)).validate()
         records = diagnose(cfg, args.long)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedftg.config import SECTIONS, RunConfig, build_config, config_from_dict
+from fedftg.config import SECTIONS, RunConfig, build_config, config_from_dict, nest_dotted
 from fedftg.errors import UserError
 
 EXIT_USAGE = 2
@@ -115,16 +115,7 @@ IGNORED_KEYS = {
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(ns).items():
-        if key in IGNORED_KEYS:
-            continue
-        section, dot, name = key.partition(".")
-        if dot:
-            out.setdefault(section, {})[name] = value
-        else:
-            out[key] = value
-    return out
+    return nest_dotted({k: v for k, v in vars(ns).items() if k not in IGNORED_KEYS})
 
 
 def _config(ns: argparse.Namespace) -> RunConfig:

@@ -265,6 +265,18 @@ def coerce(name: str, kind: Any, value: Any) -> Any:
 SECTIONS: dict[str, type] = {"ftg": FTGConfig, "df": FedDFConfig}
 
 
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys to sections: ``{"ftg.gen_lr": v}`` -> ``{"ftg": {"gen_lr": v}}`` (TOML shape)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
 def apply_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "") -> RunConfig:
     """Set fields of ``cfg`` from a nested dict (TOML shape); unknown keys are errors."""
     top = _field_types(RunConfig)
