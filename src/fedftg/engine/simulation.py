@@ -315,12 +315,8 @@ class ServerRunner:
             "train_loss": float(np.mean([r.loss for r in results])),
         }
         evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
-        if cfg.eval_ensemble and evaluate_now:
-            uploads = StackedModels(self.model, [r.state for r in results])
-            record.update(
-                evaluate_ensemble(uploads, np.stack(histograms), self.test, cfg.eval_batch_size)
-            )
-            del uploads
+        counts = np.stack(histograms)
+        teachers: Teachers | None = None
         if self.plugin is not None:
             if evaluate_now:
                 acc0, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
@@ -328,10 +324,14 @@ class ServerRunner:
             server_start = time.perf_counter()
             teachers = self._teacher_models(results)
             gen = torch_rng(cfg.seed, "server", t, device=self.device)
-            metrics = self.plugin.step(self.model, teachers, np.stack(histograms), t, gen)
+            metrics = self.plugin.step(self.model, teachers, counts, t, gen)
             record["server_s"] = time.perf_counter() - server_start
             record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
             new_state = detached_state(self.model)
+        if cfg.eval_ensemble and evaluate_now:
+            if teachers is None:  # else reuse the plug-in's (frozen: still the uploads)
+                teachers = StackedModels(self.model, [r.state for r in results])
+            record.update(evaluate_ensemble(teachers, counts, self.test, cfg.eval_batch_size))
         st.global_state = new_state
         st.round = t + 1
         if evaluate_now:
