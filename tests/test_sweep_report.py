@@ -31,6 +31,35 @@ def test_grid_points_names_and_values(tmp_path):
         grid_points(base, {"method": ["fedavg"]})
 
 
+def test_grid_sweeps_section_settings_under_every_spelling(tmp_path):
+    base = RunConfig(out=str(tmp_path))
+    for key in ("ftg.gen_lr", "ftg-gen-lr", "ftg_gen_lr"):
+        points = grid_points(base, parse_grid([f"{key}=0.01,0.001", "seed=0,1"]))
+        assert [n for n, _ in points][:2] == ["ftg.gen_lr=0.01,seed=0", "ftg.gen_lr=0.01,seed=1"]
+        assert [c.ftg.gen_lr for _, c in points] == [0.01, 0.01, 0.001, 0.001]
+        assert [c.seed for _, c in points] == [0, 1, 0, 1]
+    # a TOML [grid] table with a [grid.ftg] sub-table means the same
+    toml = parse_grid({"seed": [0], "ftg": {"gen_lr": [0.01, 0.001]}, "df": {"nz": 64}})
+    assert toml == {"seed": [0], "ftg.gen_lr": [0.01, 0.001], "df.nz": [64]}
+    cfg = dict(grid_points(base, toml))["seed=0,ftg.gen_lr=0.001,df.nz=64"]
+    assert cfg.ftg.gen_lr == 0.001 and cfg.df.nz == 64 and base.ftg.gen_lr == 0.01
+    assert base.df.nz != 64 and grid_points(base, toml)[0][1].ftg is not base.ftg
+    with pytest.raises(UserError, match=r"grid: ftg\.nope: unknown setting"):
+        grid_points(base, parse_grid(["ftg.nope=1,2"]))
+    with pytest.raises(UserError, match="ftg.gen_lr"):
+        grid_points(base, parse_grid(["ftg.gen_lr=fast"]))
+
+
+def test_report_labels_settings_that_differ_in_a_section(tmp_path, capsys):
+    for lr in ("0.01", "0.001"):
+        args = ["run", *TINY, "--method", "fedavg", "--ftg-gen-lr", lr, "--quiet"]
+        assert main([*args, "--out", str(tmp_path / lr)]) == 0
+    capsys.readouterr()
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert md.count("## ") == 2
+    assert "## ftg.gen_lr=0.01\n" in md and "## ftg.gen_lr=0.001\n" in md
+
+
 def test_sweep_skips_finished_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = [

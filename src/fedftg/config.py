@@ -277,6 +277,31 @@ def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def section_key(key: str) -> str:
+    """A setting's canonical name: ``ftg-gen-lr``, ``ftg_gen_lr`` and ``ftg.gen_lr`` all
+    name FedFTG's generator learning rate (the CLI flag, its underscore form, the TOML path).
+    """
+    norm = key.strip().replace("-", "_")
+    if "." in norm or norm in _field_types(RunConfig):
+        return norm
+    for section, cls in SECTIONS.items():
+        name = norm.removeprefix(section + "_")
+        if name != norm and name in _field_types(cls):
+            return f"{section}.{name}"
+    return norm
+
+
+def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `nest_dotted`: ``{"ftg": {"gen_lr": v}}`` -> ``{"ftg.gen_lr": v}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def apply_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "") -> RunConfig:
     """Set fields of ``cfg`` from a nested dict (TOML shape); unknown keys are errors."""
     top = _field_types(RunConfig)

@@ -18,21 +18,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedftg.config import RunConfig, apply_overrides
+from fedftg.config import RunConfig, apply_overrides, flatten_sections, nest_dotted, section_key
 from fedftg.engine.checkpoint import config_fingerprint
 from fedftg.errors import UserError
 
 
 def parse_grid(items: list[str] | dict[str, Any]) -> dict[str, list[Any]]:
-    """``["alpha=0.1,0.5", "seed=0,1"]`` (or a TOML table) -> ordered {field: values}."""
+    """``["alpha=0.1,0.5", "ftg.gen_lr=0.01,0.001"]`` (or a TOML table, sections as
+    sub-tables) -> ordered {setting: values}; section settings keyed ``ftg.gen_lr``."""
     if isinstance(items, dict):
-        return {k: v if isinstance(v, list) else [v] for k, v in items.items()}
+        return {
+            section_key(k): v if isinstance(v, list) else [v]
+            for k, v in flatten_sections(items).items()
+        }
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, eq, values = item.partition("=")
         if not eq or not key.strip() or not values.strip():
             raise UserError(f"grid: expected FIELD=V1,V2,... got {item!r}")
-        grid[key.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
+        grid[section_key(key)] = [v.strip() for v in values.split(",") if v.strip()]
     return grid
 
 
@@ -45,7 +49,7 @@ def grid_points(base: RunConfig, grid: dict[str, list[Any]]) -> list[tuple[str, 
     for combo in itertools.product(*(grid[k] for k in keys)):
         name = ",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "run"
         cfg = replace(base, ftg=replace(base.ftg), df=replace(base.df))
-        apply_overrides(cfg, dict(zip(keys, combo, strict=True)), where="grid: ")
+        apply_overrides(cfg, nest_dotted(dict(zip(keys, combo, strict=True))), where="grid: ")
         cfg.out = str(Path(base.out) / name)
         points.append((name, cfg.validate()))
     return points

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedftg.config import flatten_sections
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write, read_metrics
 from fedftg.report.plots import plt, save_figure
@@ -49,7 +50,8 @@ def _setting_key(cfg: dict[str, Any]) -> str:
 
 
 def _label(cfg: dict[str, Any], varying: list[str]) -> str:
-    return ", ".join(f"{k}={cfg[k]}" for k in varying) or f"{cfg['dataset']}"
+    flat = flatten_sections(cfg)
+    return ", ".join(f"{k}={flat.get(k)}" for k in varying) or f"{cfg['dataset']}"
 
 
 def collect(runs: list[Path]) -> dict[str, Any]:
@@ -91,12 +93,12 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
     except OSError as exc:
         raise UserError(f"out: cannot create {out_dir} ({exc.strerror or exc})") from None
     settings = collect(find_runs(paths))
-    configs = [s["config"] for s in settings.values()]
+    configs = [flatten_sections(s["config"]) for s in settings.values()]
     varying = sorted(
         k
-        for k in configs[0]
+        for k in {k for c in configs for k in c}
         if k not in POOLED
-        and k not in ("method", "ftg", "df")
+        and k != "method"
         and len({json.dumps(c.get(k), default=str) for c in configs}) > 1
     )
     lines = [
