@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg.errors import UserError
 from fedftg.methods.feddf import FedDFConfig, FedDFServer
 from fedftg.methods.ftg import (
     FTGConfig,
@@ -132,6 +133,28 @@ def test_diversity_loss_equals_double_loop():
     xg = x.clone().requires_grad_(True)
     diversity_loss(z, xg).backward()
     assert torch.isfinite(xg.grad).all()
+
+
+def test_same_label_diversity_only_counts_pairs_that_share_a_label():
+    torch.manual_seed(3)
+    z, x = torch.randn(6, 5), torch.randn(6, 1, 3, 3)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j and y[i] == y[j]]
+    total = sum(
+        float(((z[i] - z[j]) ** 2).mean()) * float((x[i] - x[j]).abs().mean()) for i, j in pairs
+    )
+    got = float(diversity_loss(z, x, y))
+    assert got == pytest.approx(math.exp(-total / len(pairs)), rel=1e-5)
+    assert got != pytest.approx(float(diversity_loss(z, x)), rel=1e-3)
+    # separating the classes does not help it; spreading a class does
+    shifted = x + 5.0 * y.view(-1, 1, 1, 1)
+    assert float(diversity_loss(z, shifted, y)) == pytest.approx(got, rel=1e-5)
+    assert float(diversity_loss(z, shifted)) < float(diversity_loss(z, x))
+    # no two samples share a label: a constant without gradient
+    xg = x[:3].clone().requires_grad_(True)
+    lone = diversity_loss(z[:3], xg, torch.tensor([0, 1, 2]))
+    lone.backward()
+    assert float(lone.detach()) == 1.0 and float(xg.grad.abs().sum()) == 0.0
 
 
 def test_within_class_distance_by_hand_and_zero_at_collapse():
@@ -272,6 +295,7 @@ def test_same_seed_same_result():
         {"label_sampling": "uniform"},
         {"ensemble": "uniform"},
         {"md_distance": "kl"},
+        {"diversity": "same_label"},
     ],
 )
 def test_each_ablation_changes_the_computation(ablation):
@@ -310,3 +334,19 @@ def test_feddf_moves_student_toward_teacher_average():
     server.step(student, teachers, counts, 1, _gen(1))
     server.step(student, teachers, counts, 2, _gen(2))
     assert kl_to_average() < before
+
+
+def test_feddf_same_label_diversity_changes_the_generator():
+    teachers, counts = _trained_teachers()
+    states = []
+    for diversity in ("all", "same_label"):
+        cfg = FedDFConfig(
+            gen_steps=3, student_steps=1, batch_size=16, nz=8, ngf=8, diversity=diversity
+        ).validate()
+        server = FedDFServer(cfg, C, 1, 8, seed=0)
+        torch.manual_seed(9)
+        server.step(Net(), teachers, counts, 0, _gen(0))
+        states.append(server.state_dict())
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(UserError, match="diversity"):
+        FedDFConfig(diversity="pairs").validate()

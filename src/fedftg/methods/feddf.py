@@ -73,7 +73,7 @@ class FedDFServer(FTGServer):
                 x = self.generator(z, self._onehot(y))
                 mean_logits = upcast(nets.all(x)).mean(0)
             l_ce = F.cross_entropy(mean_logits, y)
-            l_dis = diversity_loss(z, upcast(x))
+            l_dis = diversity_loss(z, upcast(x), y if cfg.diversity == "same_label" else None)
             loss = l_ce + cfg.lambda_dis * l_dis
             opt_g.zero_grad(set_to_none=True)
             loss.backward()

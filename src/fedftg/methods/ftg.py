@@ -112,17 +112,28 @@ def cls_loss(
     return F.cross_entropy(teacher_logits, labels) * sample_weights.mean()
 
 
-def diversity_loss(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Diversity term exp(-mean_{i,j} [mean((z_i - z_j)^2) * mean|x_i - x_j|]).
+def diversity_loss(
+    z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Diversity term exp(-mean over pairs (i, j) of [mean((z_i - z_j)^2) * mean|x_i - x_j|]).
 
-    All B*B pairs, the diagonal included, as in the authors' code: inputs that are far
-    apart in noise space should give images that are far apart.
+    Without ``labels``: all B*B pairs, the diagonal included, as in the authors' code
+    (inputs far apart in noise space should give images far apart). With ``labels``: only
+    pairs of distinct samples that share a label, so that images of different classes, which
+    differ anyway, cannot satisfy the term while each class collapses to one image
+    (1.0, no gradient, when no two samples share a label).
     """
     b = z.shape[0]
     dz = torch.cdist(z.reshape(b, -1), z.reshape(b, -1), p=2).pow(2) / z[0].numel()
     flat = x.reshape(b, -1)
     dx = torch.cdist(flat, flat, p=1) / flat.shape[1]
-    return torch.exp(-(dz * dx).mean())
+    if labels is None:
+        return torch.exp(-(dz * dx).mean())
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    same.fill_diagonal_(False)
+    if not bool(same.any()):
+        return (dz * dx).sum() * 0.0 + 1.0
+    return torch.exp(-(dz * dx)[same].mean())
 
 
 def ensemble_target(teacher_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -169,10 +180,12 @@ class DistillConfig:
     student_weight_decay: float = 1e-3
     lambda_dis: float = 1.0
     temperature: float = 1.0
+    diversity: str = "all"
     impl: str = "fast"
 
     def validate(self) -> DistillConfig:
         _one_of("impl", self.impl, ("fast", "reference"))
+        _one_of("diversity", self.diversity, ("all", "same_label"))
         for name in ("student_steps", "nz", "ngf"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
         _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
@@ -333,7 +346,7 @@ class FTGServer:
                         else x.new_zeros(())
                     )
                     l_cls = cls_loss(t, y, w[j])
-                    l_dis = diversity_loss(z, x)
+                    l_dis = diversity_loss(z, x, y if cfg.diversity == "same_label" else None)
                     loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
                     opt_g.zero_grad(set_to_none=True)
                     loss.backward()
