@@ -163,3 +163,25 @@ def test_interrupted_write_leaves_the_old_file(tmp_path):
         atomic_write(target, half_then_crash)
     assert json.loads(target.read_text()) == {"good": True}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_settings_added_later_keep_older_runs_resumable(tmp_path):
+    from fedftg.config import RunConfig
+    from fedftg.engine.checkpoint import config_fingerprint
+    from fedftg.engine.sweep import is_complete
+
+    now = RunConfig(out=str(tmp_path), rounds=2, method=["fedftg"]).validate().to_dict()
+    older = json.loads(json.dumps(now))  # as written before `diversity` existed
+    del older["ftg"]["diversity"], older["df"]["diversity"]
+    assert config_fingerprint(older) == config_fingerprint(now)
+    assert now["ftg"]["diversity"] == "all"  # the caller's dict is not modified
+    other = json.loads(json.dumps(now))
+    other["ftg"]["diversity"] = "same_label"
+    assert config_fingerprint(other) != config_fingerprint(now)
+    # a finished run written by the older version is still skipped by a sweep
+    summary = {"config": older, "methods": {"fedftg": {"rounds": 2}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert is_complete(RunConfig(out=str(tmp_path), rounds=2, method=["fedftg"]).validate())
+    cfg = RunConfig(out=str(tmp_path), rounds=2, method=["fedftg"])
+    cfg.ftg.diversity = "same_label"
+    assert not is_complete(cfg.validate())

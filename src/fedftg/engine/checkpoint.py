@@ -31,10 +31,30 @@ RESUMABLE_CHANGES = (
     "checkpoint_every",
 )
 
+# settings added after run directories were first written, with the value that reproduces
+# the earlier behaviour: at that value they are left out of the hash, so a run written
+# before the setting existed still resumes (and a finished one is still skipped by sweeps)
+ADDED_SETTINGS: dict[str, Any] = {"ftg.diversity": "all", "df.diversity": "all"}
+_MISSING = object()
+
+
+def _without_legacy_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    out = dict(cfg_dict)
+    for path, legacy in ADDED_SETTINGS.items():
+        section, _, name = path.rpartition(".")
+        table = out.get(section) if section else out
+        if isinstance(table, dict) and table.get(name, _MISSING) == legacy:
+            trimmed = {k: v for k, v in table.items() if k != name}
+            if section:
+                out[section] = trimmed
+            else:
+                out = trimmed
+    return out
+
 
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
     """A hash of the settings that determine a run's numbers."""
-    kept = {k: v for k, v in cfg_dict.items() if k not in RESUMABLE_CHANGES}
+    kept = {k: v for k, v in _without_legacy_values(cfg_dict).items() if k not in RESUMABLE_CHANGES}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
