@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import DistillConfig, FTGServer, _check, diversity_loss, sample_labels
+from fedftg.methods.ftg import DistillConfig, FTGServer, _check, sample_labels
 from fedftg.models.stacked import Teachers
 from fedftg.precision import upcast
 
@@ -73,7 +73,7 @@ class FedDFServer(FTGServer):
                 x = self.generator(z, self._onehot(y))
                 mean_logits = upcast(nets.all(x)).mean(0)
             l_ce = F.cross_entropy(mean_logits, y)
-            l_dis = diversity_loss(z, upcast(x), y if cfg.diversity == "same_label" else None)
+            l_dis = self._diversity(z, upcast(x), y)
             loss = l_ce + cfg.lambda_dis * l_dis
             opt_g.zero_grad(set_to_none=True)
             loss.backward()

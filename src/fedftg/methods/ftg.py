@@ -282,6 +282,10 @@ class FTGServer:
     def _autocast(self):
         return autocast(self.device, self.precision)
 
+    def _diversity(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The diversity term over the pairs ``cfg.diversity`` names."""
+        return diversity_loss(z, x, y if self.cfg.diversity == "same_label" else None)
+
     def _teachers(self, teachers: Teachers | Sequence[nn.Module]) -> Teachers:
         return as_teachers(teachers, self.cfg.impl)
 
@@ -346,7 +350,7 @@ class FTGServer:
                         else x.new_zeros(())
                     )
                     l_cls = cls_loss(t, y, w[j])
-                    l_dis = diversity_loss(z, x, y if cfg.diversity == "same_label" else None)
+                    l_dis = self._diversity(z, x, y)
                     loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
                     opt_g.zero_grad(set_to_none=True)
                     loss.backward()

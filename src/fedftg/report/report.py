@@ -49,9 +49,9 @@ def _setting_key(cfg: dict[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _label(cfg: dict[str, Any], varying: list[str]) -> str:
-    flat = flatten_sections(cfg)
-    return ", ".join(f"{k}={flat.get(k)}" for k in varying) or f"{cfg['dataset']}"
+def _label(flat_cfg: dict[str, Any], varying: list[str]) -> str:
+    """``alpha=0.1, ftg.gen_lr=0.001``; ``flat_cfg`` keys sections as ``ftg.x``."""
+    return ", ".join(f"{k}={flat_cfg.get(k)}" for k in varying) or f"{flat_cfg['dataset']}"
 
 
 def collect(runs: list[Path]) -> dict[str, Any]:
@@ -109,9 +109,9 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
         f"{100 * target:.0f}%.",
         "",
     ]
-    for i, entry in enumerate(settings.values()):
+    for i, (entry, flat_cfg) in enumerate(zip(settings.values(), configs, strict=True)):
         cfg = entry["config"]
-        title = _label(cfg, varying)
+        title = _label(flat_cfg, varying)
         lines += [
             f"## {title}",
             "",
