@@ -9,7 +9,6 @@ over Flower).
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch.func import functional_call
 
 from fedftg.data.batches import DeviceArrays, augment, epoch_batches, step_batches
 from fedftg.methods.aggregation import State, weighted_average
+from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 
 Tensors = dict[str, torch.Tensor]
@@ -416,8 +416,7 @@ def functional_template(model: nn.Module, train: bool) -> nn.Module:
     """
     cached = _TEMPLATES.setdefault(model, {})
     if train not in cached:
-        net = _FeaturesLogits(copy.deepcopy(model).to("meta"))
-        cached[train] = net.train(train)
+        cached[train] = _FeaturesLogits(meta_copy(model)).train(train)
     return cached[train]
 
 

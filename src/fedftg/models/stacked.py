@@ -21,11 +21,9 @@ from torch.func import functional_call, vmap
 State = dict[str, torch.Tensor]
 
 
-def _template(model: nn.Module) -> nn.Module:
-    """A weightless eval-mode copy of ``model`` to run `functional_call` on."""
-    net = copy.deepcopy(model).to("meta")
-    net.eval()
-    return net
+def meta_copy(model: nn.Module, train: bool = False) -> nn.Module:
+    """A weightless copy of ``model`` (train or eval mode) to run `functional_call` on."""
+    return copy.deepcopy(model).to("meta").train(train)
 
 
 class StackedModels:
@@ -34,7 +32,7 @@ class StackedModels:
     def __init__(self, template: nn.Module, states: Sequence[State]) -> None:
         if not states:
             raise ValueError("StackedModels needs at least one state")
-        self._net = _template(template)
+        self._net = meta_copy(template)
         names = dict(template.named_parameters()).keys()
         self.params = {n: torch.stack([s[n].detach() for s in states]) for n in names}
         self.buffers = {
