@@ -21,9 +21,9 @@ from torch.func import functional_call, vmap
 State = dict[str, torch.Tensor]
 
 
-def meta_copy(model: nn.Module, train: bool = False) -> nn.Module:
-    """A weightless copy of ``model`` (train or eval mode) to run `functional_call` on."""
-    return copy.deepcopy(model).to("meta").train(train)
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A weightless eval-mode copy of ``model`` to run `functional_call` on."""
+    return copy.deepcopy(model).to("meta").eval()
 
 
 class StackedModels:
