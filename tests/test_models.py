@@ -57,6 +57,15 @@ def test_resnet18_matches_torchvision_size_and_norms():
     assert not list(gn.buffers())
 
 
+def test_cnn_bn_adds_batchnorm_and_the_plain_cnn_keeps_its_keys():
+    plain, bn = build_model("cnn", 1, 28, 10), build_model("cnn-bn", 1, 28, 10)
+    assert list(plain.state_dict()) == [
+        f"{m}.{p}" for m in ("body.0", "body.3", "body.7", "classifier") for p in ("weight", "bias")
+    ]  # checkpoints of the plain CNN stay loadable
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 2
+    assert count_parameters(bn) == count_parameters(plain) + 2 * (32 + 64)
+
+
 def test_unknown_model():
     with pytest.raises(UserError, match="vgg"):
         build_model("vgg", 3, 32, 10)

@@ -27,7 +27,9 @@ def _clients(name: str, k: int, channels: int, size: int) -> list[torch.nn.Modul
     return out
 
 
-@pytest.mark.parametrize("name,channels,size", [("cnn", 1, 8), ("resnet18", 3, 32)])
+@pytest.mark.parametrize(
+    "name,channels,size", [("cnn", 1, 8), ("cnn-bn", 1, 8), ("resnet18", 3, 32)]
+)
 def test_stacked_models_match_the_modules(name, channels, size):
     nets = _clients(name, 3, channels, size)
     stacked = StackedModels.from_modules(nets)

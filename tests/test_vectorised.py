@@ -122,11 +122,14 @@ def test_vmap_matches_sequential_with_ragged_clients(method):
     assert not torch.allclose(free, seq[0].state["classifier.weight"])
 
 
-@pytest.mark.parametrize("method", ["fedavg", "scaffold", "moon"])
-def test_vmap_matches_sequential_on_the_cnn(method):
-    """The package's CNN at the digits' 8x8 size, with fixed local steps and augmentation."""
+@pytest.mark.parametrize(
+    "method,name", [("fedavg", "cnn"), ("scaffold", "cnn"), ("moon", "cnn"), ("feddyn", "cnn-bn")]
+)
+def test_vmap_matches_sequential_on_the_cnn(method, name):
+    """The package's CNN (and its BatchNorm variant) at the digits' 8x8 size, with fixed local
+    steps and augmentation."""
     torch.manual_seed(1)
-    model = build_model("cnn", 1, 8, 10)
+    model = build_model(name, 1, 8, 10)
     data = _data(60, 1, 8, 10)
     spec = LocalSpec(lr=0.05, steps=3, batch_size=10, weight_decay=1e-3, clip=1.0, augment=True)
     seq, vec, ctx_seq, ctx_vec = _both_paths(model, data, [25, 20, 15], _method(method), spec)

@@ -30,7 +30,7 @@ HELP = {
     "selection": "fixed: exactly round(participation*N); bernoulli: each client independently",
     "method": "comma list: fedavg, fedprox, scaffold, feddyn, moon, each optionally +ftg or "
     "+df; fedftg = fedavg+ftg",
-    "model": "cnn, resnet18, resnet18-gn",
+    "model": "cnn, cnn-bn, resnet18, resnet18-gn",
     "local_steps": "fixed number of local steps (overrides --local-epochs)",
     "augment": "auto (flip + pad-crop for 32x32 RGB), on, off",
     "device": "cpu, cuda, cuda:N, mps",
@@ -229,7 +229,9 @@ def _add_bench_parser(subs: Any) -> None:
         metavar="{ftg-step,round}",
         help="ftg-step: one FedFTG server step; round: one fedavg+ftg round",
     )
-    bench.add_argument("--model", default="resnet18", help="cnn, resnet18, resnet18-gn [resnet18]")
+    bench.add_argument(
+        "--model", default="resnet18", help="cnn, cnn-bn, resnet18, resnet18-gn [resnet18]"
+    )
     bench.add_argument(
         "--dataset",
         default="cifar10",

@@ -7,15 +7,18 @@ from torch import nn
 from fedftg.errors import UserError
 from fedftg.models.cnn import CNN
 from fedftg.models.generator import ConditionalGenerator
-from fedftg.models.resnet import ResNet18, group_norm
+from fedftg.models.norm import batch_norm, group_norm
+from fedftg.models.resnet import ResNet18
 
-MODEL_NAMES = ("cnn", "resnet18", "resnet18-gn")
+MODEL_NAMES = ("cnn", "cnn-bn", "resnet18", "resnet18-gn")
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """The classifier ``name`` for (in_channels, image_size, image_size) inputs."""
     if name == "cnn":
         return CNN(in_channels, image_size, num_classes)
+    if name == "cnn-bn":
+        return CNN(in_channels, image_size, num_classes, norm=batch_norm)
     if name == "resnet18":
         return ResNet18(in_channels, num_classes)
     if name == "resnet18-gn":

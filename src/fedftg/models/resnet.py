@@ -3,21 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-Norm = Callable[[int], nn.Module]
-
-
-def batch_norm(channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels)
-
-
-def group_norm(channels: int) -> nn.Module:
-    """GroupNorm with 2 groups, the usual federated replacement for BatchNorm."""
-    return nn.GroupNorm(2, channels)
+from fedftg.models.norm import Norm, batch_norm
 
 
 class BasicBlock(nn.Module):
