@@ -10,7 +10,7 @@ from fedftg.cli import main
 from fedftg.config import RunConfig
 from fedftg.engine.sweep import grid_points, parse_grid
 from fedftg.errors import UserError
-from fedftg.report.report import build_report, rounds_to_target
+from fedftg.report.report import build_report, phases, rounds_to_target
 
 TINY = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
 
@@ -132,3 +132,47 @@ def test_report_of_nothing_is_an_error(tmp_path, capsys):
     except SystemExit as exc:
         code = exc.code
     assert code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+def test_phases_split_early_rounds_finely():
+    assert phases(3) == [(1, 3)]
+    assert phases(5) == [(1, 5)]
+    assert phases(30) == [(1, 5), (6, 10), (11, 20), (21, 30)]
+    assert phases(1000)[3:] == [(21, 50), (51, 100), (101, 200), (201, 500), (501, 1000)]
+
+
+def _fake_run(path, method, seed, accs, before=None):
+    """A finished run directory with a given accuracy curve (and pre-server accuracies)."""
+    cfg = RunConfig(method=[method], seed=seed, rounds=len(accs), out=str(path)).to_dict()
+    path.mkdir(parents=True)
+    records = []
+    for r, acc in enumerate(accs, start=1):
+        rec = {"method": method, "round": r, "test_acc": acc}
+        if before is not None:
+            rec["acc_before_server"] = before[r - 1]
+        records.append(json.dumps(rec))
+    (path / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    summary = {"final_acc": accs[-1], "best_acc": max(accs), "rounds": len(accs), "wall_s": 1.0}
+    (path / "summary.json").write_text(json.dumps({"methods": {method: summary}, "config": cfg}))
+
+
+def test_report_compares_plugins_with_their_base_seed_by_seed(tmp_path):
+    _fake_run(tmp_path / "a0", "fedavg", 0, [0.5] * 6)
+    _fake_run(tmp_path / "a1", "fedavg", 1, [0.6] * 6)
+    # seed 0: +2 points in rounds 1-5 (step +1 each), -1 in round 6 (step -2)
+    _fake_run(tmp_path / "f0", "fedftg", 0, [0.52] * 5 + [0.49], [0.51] * 5 + [0.51])
+    # seed 1: +3 points in rounds 1-5 (step +1 each), level in round 6 (step +1)
+    _fake_run(tmp_path / "f1", "fedftg", 1, [0.63] * 5 + [0.6], [0.62] * 5 + [0.59])
+    # a plug-in whose base method did not run: only the step's own change is known
+    _fake_run(tmp_path / "s0", "scaffold+ftg", 0, [0.4] * 6, [0.45] * 6)
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert "| method | base | paired seeds | rounds 1-5 | round 6 |" in md
+    assert "| fedftg | fedavg | 2 | +2.50 (+1.00) | -0.50 (-0.50) | -1.00 / +0.00 | 11 of 12 |" in md
+    assert "| scaffold+ftg | - | 0 | - (-5.00) | - (-5.00) | - | 0 of 6 |" in md
+    assert "| fedavg |" in md and "| fedavg | fedavg" not in md  # plain methods get no row
+
+
+def test_report_without_plugins_has_no_plugin_table(tmp_path):
+    _fake_run(tmp_path / "a0", "fedavg", 0, [0.5, 0.6])
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert "Server plug-ins" not in md

@@ -37,6 +37,12 @@ CLIENT_BATCHING = ("auto", "sequential", "vmap")
 PRECISIONS = ("fp32", "bf16")
 
 
+def split_method(name: str) -> tuple[str, str | None]:
+    """(client method, server plug-in or None) of a method name: ``fedftg`` -> (fedavg, ftg)."""
+    base, _, plugin = ALIASES.get(name, name).partition("+")
+    return base, plugin or None
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one experiment (all methods in it share data, split and init)."""
@@ -91,12 +97,7 @@ class RunConfig:
 
     def methods(self) -> list[tuple[str, str, str | None]]:
         """(display name, client method, plug-in or None) for each requested method."""
-        out = []
-        for raw in self.method:
-            name = ALIASES.get(raw, raw)
-            base, _, plugin = name.partition("+")
-            out.append((raw, base, plugin or None))
-        return out
+        return [(raw, *split_method(raw)) for raw in self.method]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fully resolved config."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedftg.config import flatten_sections
+from fedftg.config import flatten_sections, split_method
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write, read_metrics
 from fedftg.report.plots import plt, save_figure
@@ -64,18 +64,81 @@ def collect(runs: list[Path]) -> dict[str, Any]:
             _setting_key(cfg), {"config": cfg, "runs": [], "methods": defaultdict(list)}
         )
         entry["runs"].append(run)
-        curves = defaultdict(list)
+        curves, gains = defaultdict(list), defaultdict(list)
         for r in read_metrics(run / "metrics.jsonl"):
             if r.get("test_acc") is not None:
                 curves[r["method"]].append((r["round"], r["test_acc"]))
+                if r.get("acc_before_server") is not None:
+                    gains[r["method"]].append((r["round"], r["test_acc"] - r["acc_before_server"]))
         for method, s in summary["methods"].items():
-            entry["methods"][method].append({**s, "seed": cfg["seed"], "curve": curves[method]})
+            entry["methods"][method].append(
+                {**s, "seed": cfg["seed"], "curve": curves[method], "server_gain": gains[method]}
+            )
     return settings
 
 
 def rounds_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
     """The first round whose test accuracy reaches ``target`` (None if never)."""
     return next((r for r, acc in sorted(curve) if acc >= target), None)
+
+
+def phases(last_round: int) -> list[tuple[int, int]]:
+    """Round ranges 1-5, 6-10, 11-20, 21-50, 51-100, 101-200, ... up to ``last_round``.
+
+    Early rounds get short ranges of their own: a server step's effect is often largest
+    there and would vanish in a whole-run average.
+    """
+    ends = [5]
+    while ends[-1] < last_round:
+        end = ends[-1]
+        ends.append(end * 5 // 2 if str(end).startswith("2") else end * 2)
+    out, start = [], 1
+    for end in ends:
+        if start > last_round:
+            break
+        out.append((start, min(end, last_round)))
+        start = end + 1
+    return out
+
+
+def plugin_rows(methods: dict[str, list[dict[str, Any]]], last_round: int) -> list[list[str]]:
+    """Per server plug-in method: its accuracy minus its base method's, seed by seed.
+
+    Cells: the method, its base, the seeds both ran, the mean difference (points) over the
+    paired seeds and the rounds of each `phases` range, with the server step's own mean
+    change (test accuracy after it minus before it, over all its seeds) in brackets, the
+    final difference per paired seed (by seed), and the number of rounds in which the step
+    raised the accuracy.
+    """
+    rows = []
+    for name, per_seed in methods.items():
+        base, plugin = split_method(name)
+        if plugin is None:
+            continue
+        base_by_seed = {s["seed"]: s for s in methods.get(base, [])}
+        paired = sorted(
+            ((s, base_by_seed[s["seed"]]) for s in per_seed if s["seed"] in base_by_seed),
+            key=lambda pair: pair[0]["seed"],
+        )
+        cells = [name, base if base in methods else "-", str(len(paired))]
+        for lo, hi in phases(last_round):
+            diffs = []
+            for s, b in paired:
+                ref = dict(b["curve"])
+                diffs += [a - ref[r] for r, a in s["curve"] if lo <= r <= hi and r in ref]
+            own = [g for s in per_seed for r, g in s["server_gain"] if lo <= r <= hi]
+            diff_text = f"{100 * np.mean(diffs):+.2f}" if diffs else "-"
+            cells.append(diff_text + (f" ({100 * np.mean(own):+.2f})" if own else ""))
+        finals = [
+            f"{100 * (s['final_acc'] - b['final_acc']):+.2f}"
+            for s, b in paired
+            if s["final_acc"] is not None and b["final_acc"] is not None
+        ]
+        cells.append(" / ".join(finals) or "-")
+        gains = [g for s in per_seed for _, g in s["server_gain"]]
+        cells.append(f"{sum(g > 0 for g in gains)} of {len(gains)}" if gains else "-")
+        rows.append(cells)
+    return rows
 
 
 def _mean_std(values: list[float]) -> str:
@@ -137,6 +200,7 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
                 f" | {_mean_std([s['best_acc'] for s in per_seed])} | {reach_text} | "
                 f"{np.mean(walls):.1f} |"
             )
+        lines += _plugin_table(entry["methods"], int(cfg["rounds"]))
         curve_png = f"curves_{i}.png"
         plot_spread(entry["methods"], out_dir / curve_png, title)
         lines += ["", f"![accuracy curves]({curve_png})", ""]
@@ -151,6 +215,25 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
     text = "\n".join(lines) + "\n"
     atomic_write(md, lambda p: p.write_text(text))
     return md
+
+
+def _plugin_table(methods: dict[str, list[dict[str, Any]]], last_round: int) -> list[str]:
+    """The markdown of `plugin_rows`, or nothing when no method has a server plug-in."""
+    rows = plugin_rows(methods, last_round)
+    if not rows:
+        return []
+    spans = [f"rounds {lo}-{hi}" if hi > lo else f"round {lo}" for lo, hi in phases(last_round)]
+    head = ["method", "base", "paired seeds", *spans, "final, per seed", "rounds the step helped"]
+    return [
+        "",
+        "Server plug-ins against their base method: test accuracy minus the base method's on "
+        "the same seeds (points, mean over seeds and rounds), the server step's own change in "
+        "brackets.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---" for _ in head) + " |",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def plot_spread(methods: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
