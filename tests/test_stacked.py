@@ -80,7 +80,7 @@ def _server_pair(cls, cfg_cls, **kw):
 @pytest.mark.parametrize(
     "cls,cfg_cls,kw,model",
     [
-        (FTGServer, FTGConfig, {"iterations": 3, "student_steps": 3}, "resnet18"),
+        (FTGServer, FTGConfig, {"iterations": 3, "student_steps": 3}, "cnn-bn"),
         (FedDFServer, FedDFConfig, {"gen_steps": 3, "student_steps": 3}, "cnn"),
     ],
 )
@@ -90,9 +90,11 @@ def test_fast_server_step_equals_reference(cls, cfg_cls, kw, model, float64):
     In float64: the generator's conv biases feed BatchNorm, so their true gradient is zero
     and Adam turns float32 rounding noise in it into full-size steps that shift the
     running means; float32 results of two correct implementations drift apart there.
-    FedDF is checked on the CNN: its student steps on a ResNet-18 in train mode amplify
-    float64 summation-order differences (BatchNorm over near-constant channels of
-    generated inputs) to ~1e-4 within a few steps.
+    The students are small CNNs (FedFTG's with BatchNorm, so BatchNorm teachers and a
+    train-mode BatchNorm student are covered): student steps on a ResNet-18 in train mode
+    amplify float64 summation-order differences (BatchNorm over near-constant channels of
+    generated inputs), to ~1e-4 within a few FedDF steps and, on an Intel Xeon, to ~5e-7
+    relative within two FedFTG rounds, so the outcome would depend on the CPU's kernels.
     """
     teachers = _clients(model, 3, 3, 32)
     counts = np.array(
