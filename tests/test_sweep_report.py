@@ -171,6 +171,7 @@ def test_report_compares_plugins_with_their_base_seed_by_seed(tmp_path):
     assert row in md
     assert "| scaffold+ftg | - | 0 | - (-5.00) | - (-5.00) | - | 0 of 6 |" in md
     assert "| fedavg |" in md and "| fedavg | fedavg" not in md  # plain methods get no row
+    assert "count every seed of the plug-in, paired or not" in md
 
 
 def test_report_without_plugins_has_no_plugin_table(tmp_path):

@@ -227,8 +227,9 @@ def _plugin_table(methods: dict[str, list[dict[str, Any]]], last_round: int) -> 
     return [
         "",
         "Server plug-ins against their base method: test accuracy minus the base method's on "
-        "the same seeds (points, mean over seeds and rounds), the server step's own change in "
-        "brackets.",
+        "the same seeds (points, mean over the paired seeds and rounds), the server step's own "
+        "change in brackets; the step's change and the rounds it helped count every seed of the "
+        "plug-in, paired or not.",
         "",
         "| " + " | ".join(head) + " |",
         "| " + " | ".join("---" for _ in head) + " |",
