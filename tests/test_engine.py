@@ -83,6 +83,34 @@ def test_ftg_plugs_into_every_client_method(setup, method):
     assert changed
 
 
+def test_scaffold_ftg_keeps_the_pre_step_aggregate_by_default(setup):
+    runners = {
+        ref: MethodRunner(
+            dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, scaffold_reference=ref)),
+            "scaffold",
+            "ftg",
+        )
+        for ref in ("aggregate", "sent")
+    }
+    first = {ref: r.run_round() for ref, r in runners.items()}
+    # round 1 is the same; the authors' choice keeps the aggregate from before the FTG step
+    assert first["aggregate"]["test_acc"] == first["sent"]["test_acc"]
+    kept = runners["aggregate"].state.server_state
+    names = [n for n in kept if not n.startswith("ref.")]
+    assert sorted(k for k in kept if k.startswith("ref.")) == sorted("ref." + n for n in names)
+    assert not any(k.startswith("ref.") for k in runners["sent"].state.server_state)
+    sent = runners["aggregate"].state.global_state
+    assert any(not torch.equal(kept["ref." + n], sent[n]) for n in names)
+    # so the control variates of round 2 differ
+    for r in runners.values():
+        r.run_round()
+    a, b = (runners[ref].state.server_state for ref in ("aggregate", "sent"))
+    assert any(not torch.allclose(a[n], b[n]) for n in names)
+    plain = MethodRunner(setup, "scaffold", None)
+    plain.run_round()
+    assert not any(k.startswith("ref.") for k in plain.state.server_state)
+
+
 def test_feddf_plugin_runs(setup):
     runner = MethodRunner(setup, "fedavg", "df")
     record = runner.run_round()

@@ -17,7 +17,7 @@ from fedftg.config import RunConfig  # noqa: E402
 from fedftg.data.batches import DeviceArrays  # noqa: E402
 from fedftg.data.sources import load_dataset  # noqa: E402
 from fedftg.engine.simulation import ServerRunner, initial_state  # noqa: E402
-from fedftg.flower.common import config_from_run_config  # noqa: E402
+from fedftg.flower.common import config_from_run_config, from_record, to_record  # noqa: E402
 from fedftg.flower.strategy import FedFTGStrategy  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
         rounds=2,
         local_epochs=1,
         seed=5,
-        method=["fedavg+ftg", "scaffold"],
+        method=["fedavg+ftg", "scaffold+ftg"],
     )
     cfg = RunConfig(out=str(tmp_path / "flower"), **common).validate()
     cfg.ftg.iterations = 2
@@ -61,7 +61,7 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
             "--seed",
             "5",
             "--method",
-            "fedavg+ftg,scaffold",
+            "fedavg+ftg,scaffold+ftg",
             "--ftg-iterations",
             "2",
             "--out",
@@ -83,7 +83,7 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
-    assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2
+    assert summary["engine"] == "flower" and summary["methods"]["scaffold+ftg"]["rounds"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,31 @@ def _good(strategy, **changes):
             "metrics": MetricRecord(metrics),
         }
     )
+
+
+def test_scaffold_clients_receive_the_pre_step_aggregate(monkeypatch):
+    import types
+
+    import fedftg.flower.strategy as strategy_module
+
+    # a Message needs a running Flower app; the content is what this test is about
+    monkeypatch.setattr(strategy_module, "Message", lambda **kw: types.SimpleNamespace(**kw))
+    cfg = RunConfig(clients=3, participation=1.0, method=["scaffold+ftg"]).validate()
+    ds = load_dataset("digits")
+    test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std)
+    runner = ServerRunner(
+        cfg, ds, test, initial_state(cfg, ds), "scaffold", "ftg", torch.device("cpu")
+    )
+    strat = FedFTGStrategy(runner, "scaffold+ftg", "scaffold", {0: 11, 1: 12, 2: 13})
+    aggregate = {k: v + 1.0 for k, v in runner.state.global_state.items()}
+    runner.method.note_server_step(aggregate, runner.state.server_state)
+    messages = list(strat.configure_train(2, to_record(runner.state.global_state), None, None))
+    assert len(messages) == 3
+    server = from_record(messages[0].content["server"])
+    names = [n for n, _ in runner.model.named_parameters()]
+    assert sorted(k for k in server if k.startswith("ref.")) == sorted("ref." + n for n in names)
+    for n in names:
+        torch.testing.assert_close(server["ref." + n], aggregate[n])
 
 
 def test_valid_reply_is_accepted(strategy):

@@ -131,6 +131,54 @@ def test_scaffold_control_variate_update_formula():
         torch.testing.assert_close(res.upload["delta_c." + n], expected)
 
 
+def _scaffold_after_plugin_step(reference: str):
+    """A SCAFFOLD client trained from a 'sent' model that a server step moved away from the
+    aggregate: the method, the aggregate, the context and the training result."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    sc = Scaffold(server_lr=0.5, reference=reference)
+    ctx = _ctx(model, sc)
+    aggregate = {k: v.clone() for k, v in ctx.global_state.items()}
+    for n, _ in model.named_parameters():  # the plug-in's change: the sent model differs
+        ctx.global_state[n] = ctx.global_state[n] + 0.05 * torch.randn_like(ctx.global_state[n])
+    sc.note_server_step(aggregate, ctx.server_state)
+    return sc, model, aggregate, ctx, _train(sc, model, ctx)
+
+
+@pytest.mark.parametrize("reference", ["aggregate", "sent"])
+def test_scaffold_reference_after_a_server_step(reference):
+    sc, model, aggregate, ctx, res = _scaffold_after_plugin_step(reference)
+    names = [n for n, _ in model.named_parameters()]
+    kept = sorted(k for k in ctx.server_state if k.startswith("ref."))
+    # the authors' SCAFFOLD+FTG keeps the pre-step aggregate of the parameters (no buffers)
+    assert kept == (sorted("ref." + n for n in names) if reference == "aggregate" else [])
+    ref = aggregate if reference == "aggregate" else ctx.global_state
+    for n in names:
+        expected = (ref[n] - res.state[n]) / (res.steps * 0.1)
+        torch.testing.assert_close(ctx.client_state[n], expected)
+    # the server's step of size 0.5 starts from the same reference
+    agg = sc.aggregate(ctx.global_state, [res], ctx.server_state, num_clients=1)
+    for n in names:
+        torch.testing.assert_close(agg[n], ref[n] + 0.5 * (res.state[n] - ref[n]))
+        torch.testing.assert_close(ctx.server_state[n], ctx.client_state[n])
+    assert not torch.allclose(aggregate[names[0]], ctx.global_state[names[0]])
+
+
+def test_scaffold_rejects_an_unknown_reference():
+    with pytest.raises(ValueError, match="reference"):
+        Scaffold(reference="previous")
+
+
+def test_methods_without_pre_step_state_ignore_the_server_step():
+    torch.manual_seed(0)
+    model = TinyNet()
+    for method in (ClientMethod(), FedProx(0.1), FedDyn(0.01), Moon(1.0, 0.5)):
+        server_state = method.init_server_state(model)
+        before = {k: v.clone() for k, v in server_state.items()}
+        method.note_server_step(detached_state(model), server_state)
+        _assert_states_close(server_state, before)
+
+
 def test_scaffold_correction_term_gradient_is_c_minus_ck():
     torch.manual_seed(0)
     model = TinyNet()

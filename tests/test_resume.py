@@ -29,7 +29,7 @@ ARGS = [
     "--local-epochs",
     "1",
     "--method",
-    "fedavg+ftg,scaffold",
+    "fedavg+ftg,scaffold+ftg",
     "--ftg-iterations",
     "2",
     "--seed",
@@ -76,7 +76,7 @@ def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(tmp_path):
     assert _metrics(out) == expected
     summary = json.loads((out / "summary.json").read_text())
     ref_summary = json.loads((ref / "summary.json").read_text())
-    for name in ("fedavg+ftg", "scaffold"):
+    for name in ("fedavg+ftg", "scaffold+ftg"):
         assert summary["methods"][name]["final_acc"] == ref_summary["methods"][name]["final_acc"]
 
 
@@ -185,3 +185,25 @@ def test_settings_added_later_keep_older_runs_resumable(tmp_path):
     cfg = RunConfig(out=str(tmp_path), rounds=2, method=["fedftg"])
     cfg.ftg.diversity = "same_label"
     assert not is_complete(cfg.validate())
+
+
+def test_scaffold_reference_counts_only_for_scaffold_with_a_plug_in():
+    from fedftg.config import RunConfig
+    from fedftg.engine.checkpoint import config_fingerprint
+
+    def pair(methods: list[str], reference: str) -> tuple[str, str]:
+        now = RunConfig(method=methods, scaffold_reference=reference).validate().to_dict()
+        older = json.loads(json.dumps(now))  # as written before the setting existed
+        del older["scaffold_reference"]
+        return config_fingerprint(older), config_fingerprint(now)
+
+    # without a plug-in on SCAFFOLD the setting changes nothing, so older runs still match
+    for methods in (["fedavg", "fedftg"], ["scaffold"], ["scaffold", "feddyn+ftg"]):
+        for reference in ("aggregate", "sent"):
+            old, now = pair(methods, reference)
+            assert old == now, (methods, reference)
+    # older SCAFFOLD+FTG runs measured from the model sent: only that value matches them
+    old, now = pair(["scaffold+ftg"], "aggregate")
+    assert old != now
+    old, now = pair(["scaffold+ftg"], "sent")
+    assert old == now

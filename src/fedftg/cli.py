@@ -41,6 +41,8 @@ HELP = {
     "eval_every": "evaluate on the full test set every k rounds (and at the last)",
     "eval_ensemble": "also record the test accuracy of the round's client models as an "
     "ensemble (ensemble_acc, class_ensemble_acc): the knowledge averaging lost",
+    "scaffold_reference": "with a server plug-in, the model SCAFFOLD's control variates measure "
+    "the clients' progress from: aggregate (before the plug-in's step, authors') or sent",
     "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",
 }
 

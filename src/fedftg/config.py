@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedftg.errors import UserError
+from fedftg.methods.client import SCAFFOLD_REFERENCES
 from fedftg.methods.feddf import FedDFConfig
 from fedftg.methods.ftg import FTGConfig
 
@@ -77,6 +78,7 @@ class RunConfig:
     method: list[str] = field(default_factory=lambda: ["fedavg", "fedavg+ftg"])
     prox_mu: float = 0.01
     scaffold_server_lr: float = 1.0
+    scaffold_reference: str = "aggregate"
     feddyn_alpha: float = 0.01
     moon_mu: float = 1.0
     moon_tau: float = 0.5
@@ -111,6 +113,7 @@ class RunConfig:
         _choice("augment", self.augment, AUGMENT)
         _choice("client_batching", self.client_batching, CLIENT_BATCHING)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("scaffold_reference", self.scaffold_reference, SCAFFOLD_REFERENCES)
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
         _positive_int("clients", self.clients)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedftg.config import split_method
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write
 
@@ -34,8 +35,21 @@ RESUMABLE_CHANGES = (
 # settings added after run directories were first written, with the value that reproduces
 # the earlier behaviour: at that value they are left out of the hash, so a run written
 # before the setting existed still resumes (and a finished one is still skipped by sweeps)
-ADDED_SETTINGS: dict[str, Any] = {"ftg.diversity": "all", "df.diversity": "all"}
+ADDED_SETTINGS: dict[str, Any] = {
+    "ftg.diversity": "all",
+    "df.diversity": "all",
+    "scaffold_reference": "sent",
+}
 _MISSING = object()
+
+
+def _without_unused_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop settings that no method of the run reads (SCAFFOLD's reference without a
+    plug-in), so that adding them leaves the fingerprints of such runs as they were."""
+    methods = [split_method(m) for m in cfg_dict.get("method", [])]
+    if not any(base == "scaffold" and plugin for base, plugin in methods):
+        return {k: v for k, v in cfg_dict.items() if k != "scaffold_reference"}
+    return cfg_dict
 
 
 def _without_legacy_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +68,8 @@ def _without_legacy_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
     """A hash of the settings that determine a run's numbers."""
-    kept = {k: v for k, v in _without_legacy_values(cfg_dict).items() if k not in RESUMABLE_CHANGES}
+    used = _without_unused_values(_without_legacy_values(cfg_dict))
+    kept = {k: v for k, v in used.items() if k not in RESUMABLE_CHANGES}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -218,6 +218,7 @@ def client_method(cfg: RunConfig, base: str) -> ClientMethod:
         base,
         prox_mu=cfg.prox_mu,
         scaffold_server_lr=cfg.scaffold_server_lr,
+        scaffold_reference=cfg.scaffold_reference,
         feddyn_alpha=cfg.feddyn_alpha,
         moon_mu=cfg.moon_mu,
         moon_tau=cfg.moon_tau,
@@ -327,6 +328,7 @@ class ServerRunner:
             metrics = self.plugin.step(self.model, teachers, counts, t, gen)
             record["server_s"] = time.perf_counter() - server_start
             record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
+            self.method.note_server_step(new_state, st.server_state)
             new_state = detached_state(self.model)
         if cfg.eval_ensemble and evaluate_now:
             if teachers is None:  # else reuse the plug-in's (frozen: still the uploads)

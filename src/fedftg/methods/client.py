@@ -130,6 +130,11 @@ class ClientMethod:
         """The new global state from the round's uploads (may update ``server_state``)."""
         return weighted_average([r.state for r in results], [r.num_samples for r in results])
 
+    def note_server_step(self, aggregate: State, server_state: dict[str, torch.Tensor]) -> None:
+        """Called when a server plug-in (FTG, FedDF) turned ``aggregate``, the output of
+        `aggregate`, into a different model to send; a method whose state refers to the
+        pre-step model keeps it here. Default: the state follows the model sent."""
+
 
 class FedProx(ClientMethod):
     """FedProx (Li et al. 2020): proximal term mu/2 * ||w - w_global||^2."""
@@ -163,14 +168,22 @@ class Scaffold(_ParameterStateMethod):
 
     The gradient correction (c - c_k) is applied as the linear term <w, c - c_k>, whose
     gradient is exactly that correction. After local training
-    c_k <- c_k - c + (w_global - w_k) / (steps * lr); the server moves
-    w <- w + server_lr * avg(w_k - w) and c <- c + (1/N) * sum of the clients' changes.
+    c_k <- c_k - c + (w_ref - w_k) / (steps * lr); the server moves
+    w <- w_ref + server_lr * (avg(w_k) - w_ref) and c <- c + (1/N) * sum of the changes.
+    w_ref is the model the clients started from, unless a server plug-in changed the
+    aggregate before sending it: then, with ``reference="aggregate"`` (the authors'
+    SCAFFOLD+FTG), w_ref is the aggregate before the plug-in's step, kept in the server
+    state under ``ref.<name>`` so that it reaches the clients with c; with
+    ``reference="sent"`` it is the model sent.
     """
 
     name = "scaffold"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
+    def __init__(self, server_lr: float = 1.0, reference: str = "aggregate") -> None:
+        if reference not in SCAFFOLD_REFERENCES:
+            raise ValueError(f"unknown SCAFFOLD reference {reference!r}")
         self.server_lr = server_lr
+        self.reference = reference
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
         correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
@@ -187,8 +200,9 @@ class Scaffold(_ParameterStateMethod):
         delta = {}
         scale = 1.0 / (max(steps, 1) * lr)
         for n, p in model.named_parameters():
+            ref = _reference(n, ctx.server_state, ctx.global_state)
             new_ck = ctx.client_state[n] - ctx.server_state[n]
-            new_ck = new_ck + (ctx.global_state[n] - p.detach()) * scale
+            new_ck = new_ck + (ref - p.detach()) * scale
             delta[n] = new_ck - ctx.client_state[n]
             ctx.client_state[n] = new_ck
         return {"delta_c." + n: d for n, d in delta.items()}
@@ -201,11 +215,32 @@ class Scaffold(_ParameterStateMethod):
         num_clients: int,
     ) -> State:
         avg = super().aggregate(global_state, results, server_state, num_clients)
-        for n in server_state:
-            avg[n] = global_state[n] + self.server_lr * (avg[n] - global_state[n])
+        for n in _variate_names(server_state):
+            ref = _reference(n, server_state, global_state)
+            avg[n] = ref + self.server_lr * (avg[n] - ref)
             total = sum(r.upload["delta_c." + n] for r in results)
             server_state[n] = server_state[n] + total / num_clients
         return avg
+
+    def note_server_step(self, aggregate: State, server_state: dict[str, torch.Tensor]) -> None:
+        if self.reference == "aggregate":
+            for n in _variate_names(server_state):
+                server_state[REF_PREFIX + n] = aggregate[n].detach().clone()
+
+
+SCAFFOLD_REFERENCES = ("aggregate", "sent")
+REF_PREFIX = "ref."
+
+
+def _variate_names(server_state: dict[str, torch.Tensor]) -> list[str]:
+    """The control variate entries of a SCAFFOLD server state (not the kept references)."""
+    return [n for n in server_state if not n.startswith(REF_PREFIX)]
+
+
+def _reference(name: str, server_state: dict[str, torch.Tensor], sent: State) -> torch.Tensor:
+    """SCAFFOLD's w_ref for one parameter: the kept pre-plug-in aggregate, else the sent model."""
+    kept = server_state.get(REF_PREFIX + name)
+    return sent[name] if kept is None else kept
 
 
 class FedDyn(_ParameterStateMethod):
@@ -314,6 +349,7 @@ def build_method(
     *,
     prox_mu: float = 0.01,
     scaffold_server_lr: float = 1.0,
+    scaffold_reference: str = "aggregate",
     feddyn_alpha: float = 0.01,
     moon_mu: float = 1.0,
     moon_tau: float = 0.5,
@@ -324,7 +360,7 @@ def build_method(
     if name == "fedprox":
         return FedProx(prox_mu)
     if name == "scaffold":
-        return Scaffold(scaffold_server_lr)
+        return Scaffold(scaffold_server_lr, scaffold_reference)
     if name == "feddyn":
         return FedDyn(feddyn_alpha)
     if name == "moon":
