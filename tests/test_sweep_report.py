@@ -141,9 +141,12 @@ def test_phases_split_early_rounds_finely():
     assert phases(1000)[3:] == [(21, 50), (51, 100), (101, 200), (201, 500), (501, 1000)]
 
 
-def _fake_run(path, method, seed, accs, before=None):
-    """A finished run directory with a given accuracy curve (and pre-server accuracies)."""
+def _fake_run(path, method, seed, accs, before=None, **settings):
+    """A finished run directory with a given accuracy curve (and pre-server accuracies);
+    a setting given as None is left out of its config, as in runs older than the setting."""
     cfg = RunConfig(method=[method], seed=seed, rounds=len(accs), out=str(path)).to_dict()
+    cfg.update(settings)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     path.mkdir(parents=True)
     records = []
     for r, acc in enumerate(accs, start=1):
@@ -178,3 +181,23 @@ def test_report_without_plugins_has_no_plugin_table(tmp_path):
     _fake_run(tmp_path / "a0", "fedavg", 0, [0.5, 0.6])
     md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
     assert "Server plug-ins" not in md
+
+
+def test_report_names_method_settings_and_pairs_every_variant_with_its_base(tmp_path):
+    # the base from before `scaffold_reference` existed, one run of each reference, and an
+    # older SCAFFOLD+FTG run: its missing setting reads as the earlier behaviour, `sent`
+    _fake_run(tmp_path / "b0", "scaffold", 0, [0.5] * 3, scaffold_reference=None)
+    _fake_run(tmp_path / "g0", "scaffold+ftg", 0, [0.52] * 3, [0.5] * 3)
+    _fake_run(tmp_path / "s0", "scaffold+ftg", 0, [0.49] * 3, [0.5] * 3, scaffold_reference="sent")
+    _fake_run(tmp_path / "o1", "scaffold+ftg", 1, [0.47] * 3, [0.5] * 3, scaffold_reference=None)
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert "4 runs in 1 setting(s)" in md
+    assert "| scaffold+ftg | scaffold | 1 | +2.00 (+2.00) | +2.00 | 3 of 3 |" in md
+    sent = (
+        "| scaffold+ftg (scaffold_reference=sent) | scaffold | 1 | -1.00 (-2.00) | -1.00 | 0 of 6 |"
+    )
+    assert sent in md
+    # runs of another client method, or another plug-in setting, still split
+    _fake_run(tmp_path / "x0", "scaffold", 0, [0.5] * 3, alpha=0.9)
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert "5 runs in 2 setting(s)" in md

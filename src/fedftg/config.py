@@ -44,6 +44,17 @@ def split_method(name: str) -> tuple[str, str | None]:
     return base, plugin or None
 
 
+# settings that only some methods read: whether ``method`` reads ``name``
+METHOD_SETTINGS: dict[str, typing.Callable[[str], bool]] = {
+    "scaffold_reference": lambda m: split_method(m)[0] == "scaffold" and bool(split_method(m)[1]),
+}
+
+
+def unused_settings(methods: list[str]) -> set[str]:
+    """The `METHOD_SETTINGS` that none of ``methods`` reads."""
+    return {k for k, reads in METHOD_SETTINGS.items() if not any(map(reads, methods))}
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one experiment (all methods in it share data, split and init)."""

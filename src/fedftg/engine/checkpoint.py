@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedftg.config import split_method
+from fedftg.config import unused_settings
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write
 
@@ -46,10 +46,14 @@ _MISSING = object()
 def _without_unused_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop settings that no method of the run reads (SCAFFOLD's reference without a
     plug-in), so that adding them leaves the fingerprints of such runs as they were."""
-    methods = [split_method(m) for m in cfg_dict.get("method", [])]
-    if not any(base == "scaffold" and plugin for base, plugin in methods):
-        return {k: v for k, v in cfg_dict.items() if k != "scaffold_reference"}
-    return cfg_dict
+    unused = unused_settings(cfg_dict.get("method", []))
+    return {k: v for k, v in cfg_dict.items() if k not in unused}
+
+
+def setting_value(cfg_dict: dict[str, Any], name: str, default: Any) -> Any:
+    """A top-level setting of a saved config; one saved before it existed has its legacy
+    value (`ADDED_SETTINGS`), else ``default``."""
+    return cfg_dict.get(name, ADDED_SETTINGS.get(name, default))
 
 
 def _without_legacy_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:

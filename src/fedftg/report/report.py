@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedftg.config import flatten_sections, split_method
+from fedftg.config import METHOD_SETTINGS, RunConfig, flatten_sections, split_method
+from fedftg.engine.checkpoint import setting_value
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write, read_metrics
 from fedftg.report.plots import plt, save_figure
@@ -45,8 +46,31 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def _setting_key(cfg: dict[str, Any]) -> str:
-    kept = {k: v for k, v in cfg.items() if k not in POOLED and k != "method"}
+    kept = {
+        k: v
+        for k, v in cfg.items()
+        if k not in POOLED and k not in METHOD_SETTINGS and k != "method"
+    }
     return json.dumps(kept, sort_keys=True, default=str)
+
+
+def method_label(method: str, cfg: dict[str, Any]) -> str:
+    """The method's name in tables: with the settings only it reads, where not at their
+    default (``scaffold+ftg (scaffold_reference=sent)``), so that variants of one method
+    share a setting, and its base method, with each other."""
+    defaults = RunConfig()
+    extras = [
+        f"{k}={value}"
+        for k, reads in METHOD_SETTINGS.items()
+        if reads(method)
+        and (value := setting_value(cfg, k, getattr(defaults, k))) != getattr(defaults, k)
+    ]
+    return f"{method} ({', '.join(extras)})" if extras else method
+
+
+def _method_of(label: str) -> str:
+    """The method name of a `method_label`."""
+    return label.partition(" (")[0]
 
 
 def _label(flat_cfg: dict[str, Any], varying: list[str]) -> str:
@@ -71,7 +95,7 @@ def collect(runs: list[Path]) -> dict[str, Any]:
                 if r.get("acc_before_server") is not None:
                     gains[r["method"]].append((r["round"], r["test_acc"] - r["acc_before_server"]))
         for method, s in summary["methods"].items():
-            entry["methods"][method].append(
+            entry["methods"][method_label(method, cfg)].append(
                 {**s, "seed": cfg["seed"], "curve": curves[method], "server_gain": gains[method]}
             )
     return settings
@@ -112,7 +136,7 @@ def plugin_rows(methods: dict[str, list[dict[str, Any]]], last_round: int) -> li
     """
     rows = []
     for name, per_seed in methods.items():
-        base, plugin = split_method(name)
+        base, plugin = split_method(_method_of(name))
         if plugin is None:
             continue
         base_by_seed = {s["seed"]: s for s in methods.get(base, [])}
@@ -161,6 +185,7 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
         k
         for k in {k for c in configs for k in c}
         if k not in POOLED
+        and k not in METHOD_SETTINGS
         and k != "method"
         and len({json.dumps(c.get(k), default=str) for c in configs}) > 1
     )
