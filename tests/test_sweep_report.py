@@ -192,6 +192,8 @@ def test_report_names_method_settings_and_pairs_every_variant_with_its_base(tmp_
     _fake_run(tmp_path / "o1", "scaffold+ftg", 1, [0.47] * 3, [0.5] * 3, scaffold_reference=None)
     md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
     assert "4 runs in 1 setting(s)" in md
+    assert "| scaffold | 1 | 50.00 | 50.00 |" in md  # one seed: no spread to show
+    assert "| scaffold+ftg (scaffold_reference=sent) | 2 | 48.00 ± 1.41 |" in md
     assert "| scaffold+ftg | scaffold | 1 | +2.00 (+2.00) | +2.00 | 3 of 3 |" in md
     sent = (
         "| scaffold+ftg (scaffold_reference=sent) | scaffold | 1 | -1.00 (-2.00) | -1.00 | 0 of 6 |"

@@ -166,10 +166,11 @@ def plugin_rows(methods: dict[str, list[dict[str, Any]]], last_round: int) -> li
 
 
 def _mean_std(values: list[float]) -> str:
+    """Mean ± sample std in %; one value has no spread to show."""
     if not values:
         return "-"
     arr = 100 * np.asarray(values, dtype=float)
-    return f"{arr.mean():.2f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.2f}"
+    return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}" if len(arr) > 1 else f"{arr[0]:.2f}"
 
 
 def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) -> Path:
