@@ -45,12 +45,14 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
+def _defines_setting(key: str) -> bool:
+    """Whether two runs that differ in config ``key`` are different settings (not seeds of
+    one, nor methods or method variants within one)."""
+    return key not in POOLED and key not in METHOD_SETTINGS and key != "method"
+
+
 def _setting_key(cfg: dict[str, Any]) -> str:
-    kept = {
-        k: v
-        for k, v in cfg.items()
-        if k not in POOLED and k not in METHOD_SETTINGS and k != "method"
-    }
+    kept = {k: v for k, v in cfg.items() if _defines_setting(k)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -185,10 +187,7 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
     varying = sorted(
         k
         for k in {k for c in configs for k in c}
-        if k not in POOLED
-        and k not in METHOD_SETTINGS
-        and k != "method"
-        and len({json.dumps(c.get(k), default=str) for c in configs}) > 1
+        if _defines_setting(k) and len({json.dumps(c.get(k), default=str) for c in configs}) > 1
     )
     lines = [
         "# fedftg report",
