@@ -44,15 +44,20 @@ def split_method(name: str) -> tuple[str, str | None]:
     return base, plugin or None
 
 
-# settings that only some methods read: whether ``method`` reads ``name``
-METHOD_SETTINGS: dict[str, typing.Callable[[str], bool]] = {
-    "scaffold_reference": lambda m: split_method(m)[0] == "scaffold" and bool(split_method(m)[1]),
+# settings that only some methods read: whether (client method, plug-in) reads ``name``
+METHOD_SETTINGS: dict[str, typing.Callable[[str, str | None], bool]] = {
+    "scaffold_reference": lambda base, plugin: base == "scaffold" and plugin is not None,
 }
+
+
+def reads_setting(method: str, name: str) -> bool:
+    """Whether ``method`` (a method name, aliases allowed) reads the `METHOD_SETTINGS` ``name``."""
+    return METHOD_SETTINGS[name](*split_method(method))
 
 
 def unused_settings(methods: list[str]) -> set[str]:
     """The `METHOD_SETTINGS` that none of ``methods`` reads."""
-    return {k for k, reads in METHOD_SETTINGS.items() if not any(map(reads, methods))}
+    return {k for k in METHOD_SETTINGS if not any(reads_setting(m, k) for m in methods)}
 
 
 @dataclass

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from fedftg.config import METHOD_SETTINGS, RunConfig, flatten_sections, split_method
+from fedftg.config import (
+    METHOD_SETTINGS,
+    RunConfig,
+    flatten_sections,
+    reads_setting,
+    split_method,
+)
 from fedftg.engine.checkpoint import setting_value
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write, read_metrics
@@ -63,8 +69,8 @@ def method_label(method: str, cfg: dict[str, Any]) -> str:
     defaults = RunConfig()
     extras = [
         f"{k}={value}"
-        for k, reads in METHOD_SETTINGS.items()
-        if reads(method)
+        for k in METHOD_SETTINGS
+        if reads_setting(method, k)
         and (value := setting_value(cfg, k, getattr(defaults, k))) != getattr(defaults, k)
     ]
     return f"{method} ({', '.join(extras)})" if extras else method
