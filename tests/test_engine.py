@@ -111,6 +111,27 @@ def test_scaffold_ftg_keeps_the_pre_step_aggregate_by_default(setup):
     assert not any(k.startswith("ref.") for k in plain.state.server_state)
 
 
+def test_scaffold_variate_lr_initial_divides_by_the_undecayed_lr(setup):
+    cfg = dataclasses.replace(setup.cfg, lr_decay=0.5)
+    runners = {
+        v: MethodRunner(
+            dataclasses.replace(setup, cfg=dataclasses.replace(cfg, scaffold_variate_lr=v)),
+            "scaffold",
+            None,
+        )
+        for v in ("round", "initial")
+    }
+    rounds = {v: [r.run_round()["test_acc"] for _ in range(2)] for v, r in runners.items()}
+    c = {v: r.state.server_state for v, r in runners.items()}
+    # round 1 trains at the undecayed lr, so both agree until the control variates act
+    assert rounds["round"][0] == rounds["initial"][0]
+    # round 2 trains at lr * 0.5; with every client taking part c is the mean of the new c_k,
+    # (w_ref - w_k) / (steps * lr_div), so dividing by the initial lr halves it
+    for n in c["round"]:
+        torch.testing.assert_close(c["initial"][n], 0.5 * c["round"][n], rtol=1e-4, atol=1e-7)
+    assert any(float(t.abs().sum()) > 0 for t in c["round"].values())
+
+
 def test_feddf_plugin_runs(setup):
     runner = MethodRunner(setup, "fedavg", "df")
     record = runner.run_round()

@@ -131,6 +131,25 @@ def test_scaffold_control_variate_update_formula():
         torch.testing.assert_close(res.upload["delta_c." + n], expected)
 
 
+def test_scaffold_variate_lr_replaces_the_rounds_lr_in_the_update():
+    torch.manual_seed(0)
+    model = TinyNet()
+    runs = {}
+    for variate_lr in (None, 0.4):
+        sc = Scaffold(variate_lr=variate_lr)
+        ctx = _ctx(model, sc)
+        runs[variate_lr] = (ctx, _train(sc, model, ctx))
+    (ctx_r, res_r), (ctx_i, res_i) = runs[None], runs[0.4]
+    for n, _ in model.named_parameters():
+        # the same local training (lr 0.1), only the divisor of c_k's update differs
+        torch.testing.assert_close(res_i.state[n], res_r.state[n])
+        expected = (ctx_i.global_state[n] - res_i.state[n]) / (res_i.steps * 0.4)
+        torch.testing.assert_close(ctx_i.client_state[n], expected)
+        torch.testing.assert_close(ctx_i.client_state[n], ctx_r.client_state[n] * 0.25)
+    with pytest.raises(ValueError, match="variate_lr"):
+        Scaffold(variate_lr=0.0)
+
+
 def _scaffold_after_plugin_step(reference: str):
     """A SCAFFOLD client trained from a 'sent' model that a server step moved away from the
     aggregate: the method, the aggregate, the context and the training result."""

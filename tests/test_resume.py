@@ -207,3 +207,24 @@ def test_scaffold_reference_counts_only_for_scaffold_with_a_plug_in():
     assert old != now
     old, now = pair(["scaffold+ftg"], "sent")
     assert old == now
+
+
+def test_scaffold_variate_lr_counts_only_for_scaffold_and_round_matches_older_runs():
+    from fedftg.config import RunConfig
+    from fedftg.engine.checkpoint import config_fingerprint
+
+    def pair(methods: list[str], value: str) -> tuple[str, str]:
+        now = RunConfig(method=methods, scaffold_variate_lr=value).validate().to_dict()
+        older = json.loads(json.dumps(now))  # as written before the setting existed
+        del older["scaffold_variate_lr"]
+        return config_fingerprint(older), config_fingerprint(now)
+
+    for methods in (["fedavg", "fedftg"], ["feddyn+ftg"]):
+        for value in ("round", "initial"):
+            old, now = pair(methods, value)
+            assert old == now, (methods, value)
+    for methods in (["scaffold"], ["scaffold+ftg"], ["fedavg", "scaffold"]):
+        old, now = pair(methods, "round")
+        assert old == now, methods
+        old, now = pair(methods, "initial")
+        assert old != now, methods

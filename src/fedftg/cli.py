@@ -43,6 +43,8 @@ HELP = {
     "ensemble (ensemble_acc, class_ensemble_acc): the knowledge averaging lost",
     "scaffold_reference": "with a server plug-in, the model SCAFFOLD's control variates measure "
     "the clients' progress from: aggregate (before the plug-in's step, authors') or sent",
+    "scaffold_variate_lr": "the learning rate SCAFFOLD's control-variate update divides the "
+    "clients' progress by: round (this round's decayed lr) or initial (--lr, authors')",
     "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",
 }
 

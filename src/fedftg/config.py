@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedftg.errors import UserError
-from fedftg.methods.client import SCAFFOLD_REFERENCES
+from fedftg.methods.client import SCAFFOLD_REFERENCES, SCAFFOLD_VARIATE_LRS
 from fedftg.methods.feddf import FedDFConfig
 from fedftg.methods.ftg import FTGConfig
 
@@ -47,6 +47,7 @@ def split_method(name: str) -> tuple[str, str | None]:
 # settings that only some methods read: whether (client method, plug-in) reads ``name``
 METHOD_SETTINGS: dict[str, typing.Callable[[str, str | None], bool]] = {
     "scaffold_reference": lambda base, plugin: base == "scaffold" and plugin is not None,
+    "scaffold_variate_lr": lambda base, plugin: base == "scaffold",
 }
 
 
@@ -95,6 +96,7 @@ class RunConfig:
     prox_mu: float = 0.01
     scaffold_server_lr: float = 1.0
     scaffold_reference: str = "aggregate"
+    scaffold_variate_lr: str = "round"
     feddyn_alpha: float = 0.01
     moon_mu: float = 1.0
     moon_tau: float = 0.5
@@ -130,6 +132,7 @@ class RunConfig:
         _choice("client_batching", self.client_batching, CLIENT_BATCHING)
         _choice("precision", self.precision, PRECISIONS)
         _choice("scaffold_reference", self.scaffold_reference, SCAFFOLD_REFERENCES)
+        _choice("scaffold_variate_lr", self.scaffold_variate_lr, SCAFFOLD_VARIATE_LRS)
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
         _positive_int("clients", self.clients)

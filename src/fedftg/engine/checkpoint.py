@@ -39,6 +39,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "ftg.diversity": "all",
     "df.diversity": "all",
     "scaffold_reference": "sent",
+    "scaffold_variate_lr": "round",
 }
 _MISSING = object()
 

@@ -219,6 +219,7 @@ def client_method(cfg: RunConfig, base: str) -> ClientMethod:
         prox_mu=cfg.prox_mu,
         scaffold_server_lr=cfg.scaffold_server_lr,
         scaffold_reference=cfg.scaffold_reference,
+        scaffold_variate_lr=cfg.lr if cfg.scaffold_variate_lr == "initial" else None,
         feddyn_alpha=cfg.feddyn_alpha,
         moon_mu=cfg.moon_mu,
         moon_tau=cfg.moon_tau,

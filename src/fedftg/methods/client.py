@@ -168,7 +168,8 @@ class Scaffold(_ParameterStateMethod):
 
     The gradient correction (c - c_k) is applied as the linear term <w, c - c_k>, whose
     gradient is exactly that correction. After local training
-    c_k <- c_k - c + (w_ref - w_k) / (steps * lr); the server moves
+    c_k <- c_k - c + (w_ref - w_k) / (steps * lr), lr being the round's (decayed) learning
+    rate, or ``variate_lr`` when given (the authors divide by the undecayed lr0); the server moves
     w <- w_ref + server_lr * (avg(w_k) - w_ref) and c <- c + (1/N) * sum of the changes.
     w_ref is the model the clients started from, unless a server plug-in changed the
     aggregate before sending it: then, with ``reference="aggregate"`` (the authors'
@@ -179,11 +180,19 @@ class Scaffold(_ParameterStateMethod):
 
     name = "scaffold"
 
-    def __init__(self, server_lr: float = 1.0, reference: str = "aggregate") -> None:
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        reference: str = "aggregate",
+        variate_lr: float | None = None,
+    ) -> None:
         if reference not in SCAFFOLD_REFERENCES:
             raise ValueError(f"unknown SCAFFOLD reference {reference!r}")
+        if variate_lr is not None and not variate_lr > 0:
+            raise ValueError(f"SCAFFOLD's variate_lr must be > 0, got {variate_lr!r}")
         self.server_lr = server_lr
         self.reference = reference
+        self.variate_lr = variate_lr
 
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
         correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
@@ -198,7 +207,7 @@ class Scaffold(_ParameterStateMethod):
         self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
     ) -> dict[str, torch.Tensor]:
         delta = {}
-        scale = 1.0 / (max(steps, 1) * lr)
+        scale = 1.0 / (max(steps, 1) * (lr if self.variate_lr is None else self.variate_lr))
         for n, p in model.named_parameters():
             ref = _reference(n, ctx.server_state, ctx.global_state)
             new_ck = ctx.client_state[n] - ctx.server_state[n]
@@ -229,6 +238,9 @@ class Scaffold(_ParameterStateMethod):
 
 
 SCAFFOLD_REFERENCES = ("aggregate", "sent")
+# what c_k's update divides the local progress by: the round's decayed learning rate, or the
+# initial one (the authors' code)
+SCAFFOLD_VARIATE_LRS = ("round", "initial")
 REF_PREFIX = "ref."
 
 
@@ -350,6 +362,7 @@ def build_method(
     prox_mu: float = 0.01,
     scaffold_server_lr: float = 1.0,
     scaffold_reference: str = "aggregate",
+    scaffold_variate_lr: float | None = None,
     feddyn_alpha: float = 0.01,
     moon_mu: float = 1.0,
     moon_tau: float = 0.5,
@@ -360,7 +373,7 @@ def build_method(
     if name == "fedprox":
         return FedProx(prox_mu)
     if name == "scaffold":
-        return Scaffold(scaffold_server_lr, scaffold_reference)
+        return Scaffold(scaffold_server_lr, scaffold_reference, scaffold_variate_lr)
     if name == "feddyn":
         return FedDyn(feddyn_alpha)
     if name == "moon":
