@@ -50,14 +50,30 @@ def test_grid_sweeps_section_settings_under_every_spelling(tmp_path):
         grid_points(base, parse_grid(["ftg.gen_lr=fast"]))
 
 
-def test_report_labels_settings_that_differ_in_a_section(tmp_path, capsys):
-    for lr in ("0.01", "0.001"):
-        args = ["run", *TINY, "--method", "fedavg", "--ftg-gen-lr", lr, "--quiet"]
-        assert main([*args, "--out", str(tmp_path / lr)]) == 0
-    capsys.readouterr()
+def test_report_makes_plug_in_settings_variants_of_the_methods_that_use_them(tmp_path):
+    def ftg(**changes):
+        return {**RunConfig().to_dict()["ftg"], **changes}
+
+    # a plain method beside each point of an ftg grid is the same run: counted once
+    for lr in (0.01, 0.001):
+        _fake_run(tmp_path / f"a0-{lr}", "fedavg", 0, [0.5] * 3, ftg=ftg(gen_lr=lr))
+    _fake_run(tmp_path / "f0", "fedftg", 0, [0.52] * 3, [0.5] * 3)
+    _fake_run(tmp_path / "u0", "fedftg", 0, [0.47] * 3, [0.5] * 3, ftg=ftg(ensemble="uniform"))
+    _fake_run(tmp_path / "u1", "fedftg", 1, [0.45] * 3, [0.5] * 3, ftg=ftg(ensemble="uniform"))
+    # a df setting leaves ftg methods alone
+    _fake_run(tmp_path / "d0", "fedftg", 2, [0.5] * 3, [0.5] * 3, df={"nz": 64})
     md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
-    assert md.count("## ") == 2
-    assert "## ftg.gen_lr=0.01\n" in md and "## ftg.gen_lr=0.001\n" in md
+    assert "6 runs in 1 setting(s)" in md and md.count("## ") == 1
+    assert "| fedavg | 1 | 50.00 |" in md
+    assert "| fedftg | 2 | 51.00 ± 1.41 |" in md
+    assert "| fedftg (ftg.ensemble=uniform) | 2 | 46.00 ± 1.41 |" in md
+    assert "| fedftg | fedavg | 1 | +2.00 (+1.00) | +2.00 | 3 of 6 |" in md
+    assert "| fedftg (ftg.ensemble=uniform) | fedavg | 1 | -3.00 (-4.00) | -3.00 | 0 of 6 |" in md
+    # a setting every method reads still splits
+    _fake_run(tmp_path / "x0", "fedftg", 0, [0.5] * 3, [0.5] * 3, alpha=0.9)
+    md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
+    assert "7 runs in 2 setting(s)" in md
+    assert "## alpha=0.1\n" in md and "## alpha=0.9\n" in md
 
 
 def test_sweep_skips_finished_runs_and_reports(tmp_path, capsys):

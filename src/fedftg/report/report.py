@@ -17,6 +17,7 @@ import numpy as np
 
 from fedftg.config import (
     METHOD_SETTINGS,
+    PLUGINS,
     RunConfig,
     flatten_sections,
     reads_setting,
@@ -52,9 +53,15 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def _defines_setting(key: str) -> bool:
-    """Whether two runs that differ in config ``key`` are different settings (not seeds of
-    one, nor methods or method variants within one)."""
-    return key not in POOLED and key not in METHOD_SETTINGS and key != "method"
+    """Whether two runs that differ in config ``key`` (top-level, a plug-in section, or
+    ``ftg.x``) are different settings, not seeds of one, nor methods or method variants
+    within one. A plug-in's settings only make variants of the methods that use it."""
+    return (
+        key not in POOLED
+        and key not in METHOD_SETTINGS
+        and key != "method"
+        and key.partition(".")[0] not in PLUGINS
+    )
 
 
 def _setting_key(cfg: dict[str, Any]) -> str:
@@ -64,14 +71,18 @@ def _setting_key(cfg: dict[str, Any]) -> str:
 
 def method_label(method: str, cfg: dict[str, Any]) -> str:
     """The method's name in tables: with the settings only it reads, where not at their
-    default (``scaffold+ftg (scaffold_reference=sent)``), so that variants of one method
-    share a setting, and its base method, with each other."""
-    defaults = RunConfig()
+    default (``scaffold+ftg (scaffold_reference=sent)``, ``fedftg (ftg.ensemble=uniform)``),
+    so that variants of one method (the paper's ablations among them) share a setting, and
+    its base method, with each other."""
+    defaults = flatten_sections(RunConfig().to_dict())
+    flat = flatten_sections(cfg)
+    plugin = split_method(method)[1]
+    read = [k for k in METHOD_SETTINGS if reads_setting(method, k)]
+    read += [k for k in defaults if plugin is not None and k.startswith(plugin + ".")]
     extras = [
         f"{k}={value}"
-        for k in METHOD_SETTINGS
-        if reads_setting(method, k)
-        and (value := setting_value(cfg, k, getattr(defaults, k))) != getattr(defaults, k)
+        for k in read
+        if (value := setting_value(flat, k, defaults[k])) != defaults[k]
     ]
     return f"{method} ({', '.join(extras)})" if extras else method
 
@@ -87,7 +98,11 @@ def _label(flat_cfg: dict[str, Any], varying: list[str]) -> str:
 
 
 def collect(runs: list[Path]) -> dict[str, Any]:
-    """Group runs by setting; per setting and method, the per-seed summaries and curves."""
+    """Group runs by setting; per setting and method, the per-seed summaries and curves.
+
+    A method's seed counts once per setting: a plain method run beside each point of a
+    plug-in grid (``--grid ftg.gen_lr=...``) is the same run each time.
+    """
     settings: dict[str, dict[str, Any]] = {}
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
@@ -103,7 +118,10 @@ def collect(runs: list[Path]) -> dict[str, Any]:
                 if r.get("acc_before_server") is not None:
                     gains[r["method"]].append((r["round"], r["test_acc"] - r["acc_before_server"]))
         for method, s in summary["methods"].items():
-            entry["methods"][method_label(method, cfg)].append(
+            per_seed = entry["methods"][method_label(method, cfg)]
+            if any(seen["seed"] == cfg["seed"] for seen in per_seed):
+                continue
+            per_seed.append(
                 {**s, "seed": cfg["seed"], "curve": curves[method], "server_gain": gains[method]}
             )
     return settings
