@@ -51,9 +51,20 @@ METHOD_SETTINGS: dict[str, typing.Callable[[str, str | None], bool]] = {
 }
 
 
+def method_specific(name: str) -> bool:
+    """Whether only some methods read setting ``name``: a `METHOD_SETTINGS` entry, or a
+    plug-in's section (``ftg``) or one of its settings (``ftg.gen_lr``)."""
+    return name in METHOD_SETTINGS or name.partition(".")[0] in PLUGINS
+
+
 def reads_setting(method: str, name: str) -> bool:
-    """Whether ``method`` (a method name, aliases allowed) reads the `METHOD_SETTINGS` ``name``."""
-    return METHOD_SETTINGS[name](*split_method(method))
+    """Whether ``method`` (a method name, aliases allowed) reads the `method_specific`
+    setting ``name``: a plug-in's settings are read by the methods with that plug-in."""
+    base, plugin = split_method(method)
+    section = name.partition(".")[0]
+    if section in PLUGINS:
+        return plugin == section
+    return METHOD_SETTINGS[name](base, plugin)
 
 
 def unused_settings(methods: list[str]) -> set[str]:

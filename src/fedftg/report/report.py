@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from fedftg.config import (
-    METHOD_SETTINGS,
-    PLUGINS,
     RunConfig,
     flatten_sections,
+    method_specific,
     reads_setting,
     split_method,
 )
@@ -56,12 +55,7 @@ def _defines_setting(key: str) -> bool:
     """Whether two runs that differ in config ``key`` (top-level, a plug-in section, or
     ``ftg.x``) are different settings, not seeds of one, nor methods or method variants
     within one. A plug-in's settings only make variants of the methods that use it."""
-    return (
-        key not in POOLED
-        and key not in METHOD_SETTINGS
-        and key != "method"
-        and key.partition(".")[0] not in PLUGINS
-    )
+    return key not in POOLED and not method_specific(key) and key != "method"
 
 
 def _setting_key(cfg: dict[str, Any]) -> str:
@@ -76,13 +70,12 @@ def method_label(method: str, cfg: dict[str, Any]) -> str:
     its base method, with each other."""
     defaults = flatten_sections(RunConfig().to_dict())
     flat = flatten_sections(cfg)
-    plugin = split_method(method)[1]
-    read = [k for k in METHOD_SETTINGS if reads_setting(method, k)]
-    read += [k for k in defaults if plugin is not None and k.startswith(plugin + ".")]
     extras = [
         f"{k}={value}"
-        for k in read
-        if (value := setting_value(flat, k, defaults[k])) != defaults[k]
+        for k in defaults
+        if method_specific(k)
+        and reads_setting(method, k)
+        and (value := setting_value(flat, k, defaults[k])) != defaults[k]
     ]
     return f"{method} ({', '.join(extras)})" if extras else method
 
