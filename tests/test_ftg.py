@@ -312,6 +312,31 @@ def test_each_ablation_changes_the_computation(ablation):
         assert m["loss_md"] == 0.0 and base_m["loss_md"] < 0.0
 
 
+def test_student_lr_zero_only_re_estimates_batchnorm_statistics():
+    """The BatchNorm-only control: weights stay, running statistics follow G's samples."""
+    torch.manual_seed(4)
+    before = Net()  # the student _run starts from
+    student, server, _ = _run(student_lr=0.0)
+    trained, _, _ = _run()
+    for (name, v), w, t in zip(
+        student.state_dict().items(),
+        before.state_dict().values(),
+        trained.state_dict().values(),
+        strict=True,
+    ):
+        if "running" in name:
+            assert not torch.equal(v, w), name  # re-estimated on generated samples
+        elif "num_batches" not in name:
+            assert torch.equal(v, w), name  # weights untouched
+            assert not torch.equal(t, w), name  # which the default step does change
+    assert any(
+        not torch.equal(v, w)
+        for v, w in zip(server.state_dict().values(), _server().state_dict().values(), strict=True)
+    )
+    with pytest.raises(UserError, match="student_lr"):
+        FTGConfig(student_lr=-0.1).validate()
+
+
 def test_feddf_moves_student_toward_teacher_average():
     teachers, counts = _trained_teachers()
     torch.manual_seed(9)

@@ -195,9 +195,11 @@ class DistillConfig:
             lambda v: isinstance(v, int) and v >= 2,
             ">= 2 (BatchNorm)",
         )
-        for name in ("gen_lr", "student_lr", "lr_decay", "temperature"):
+        for name in ("gen_lr", "lr_decay", "temperature"):
             _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
-        for name in ("student_weight_decay", "lambda_dis"):
+        # student_lr 0 freezes the student's weights: the step then only re-estimates its
+        # BatchNorm statistics on generated samples, a control for how much of a gain is that
+        for name in ("student_lr", "student_weight_decay", "lambda_dis"):
             _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
         return self
 
