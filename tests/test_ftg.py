@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -335,6 +336,34 @@ def test_student_lr_zero_only_re_estimates_batchnorm_statistics():
     )
     with pytest.raises(UserError, match="student_lr"):
         FTGConfig(student_lr=-0.1).validate()
+
+
+@pytest.mark.parametrize("server_cls", ["ftg", "df"])
+def test_bn_stats_aggregate_keeps_the_statistics_and_changes_only_them(server_cls):
+    """bn_stats="aggregate": the step's weights as with the default, the statistics as given."""
+    teachers, counts = _trained_teachers()
+    torch.manual_seed(4)
+    start = Net()
+    results = {}
+    for mode in ("generated", "aggregate"):
+        if server_cls == "ftg":
+            server = _server(bn_stats=mode)
+        else:
+            cfg = FedDFConfig(gen_steps=3, student_steps=3, batch_size=16, nz=8, ngf=8)
+            server = FedDFServer(replace(cfg, bn_stats=mode).validate(), C, 1, 8, seed=0)
+        student = copy.deepcopy(start)
+        server.step(student, teachers, counts, 0, _gen(0))
+        results[mode] = dict(student.named_parameters()), dict(student.named_buffers())
+    (w_gen, b_gen), (w_agg, b_agg) = results["generated"], results["aggregate"]
+    for name, v in start.named_parameters():
+        assert torch.equal(w_gen[name], w_agg[name]), name
+        assert not torch.equal(w_agg[name], v), name
+    for name, v in start.named_buffers():
+        assert torch.equal(b_agg[name], v), name
+        if "running" in name:
+            assert not torch.equal(b_gen[name], v), name
+    with pytest.raises(UserError, match="bn_stats"):
+        FTGConfig(bn_stats="real").validate()
 
 
 def test_feddf_moves_student_toward_teacher_average():

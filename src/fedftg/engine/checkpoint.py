@@ -40,6 +40,8 @@ ADDED_SETTINGS: dict[str, Any] = {
     "df.diversity": "all",
     "scaffold_reference": "sent",
     "scaffold_variate_lr": "round",
+    "ftg.bn_stats": "generated",
+    "df.bn_stats": "generated",
 }
 _MISSING = object()
 

@@ -46,7 +46,7 @@ class FedDFServer(FTGServer):
 
     cfg: FedDFConfig
 
-    def step(
+    def _fine_tune(
         self,
         student: nn.Module,
         teachers: Teachers | Sequence[nn.Module],

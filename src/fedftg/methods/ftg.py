@@ -10,7 +10,8 @@ maths is in pure functions below; `FTGServer` runs the authors' schedule with th
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,6 +166,26 @@ def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float | None
 # ---------------------------------------------------------------------- the server step
 
 
+@contextmanager
+def kept_buffers(model: nn.Module, keep: bool) -> Iterator[None]:
+    """On exit, put back ``model``'s buffers (BatchNorm running statistics) when ``keep``.
+
+    The student steps run in train mode, which re-estimates those statistics on generated
+    samples (the authors' code keeps them); keeping the aggregate's instead leaves the
+    step's change to the weights alone.
+    """
+    if not keep:
+        yield
+        return
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved, strict=True):
+                b.copy_(v)
+
+
 @dataclass
 class DistillConfig:
     """Settings shared by the data-free server steps (FedFTG and FedDF)."""
@@ -182,9 +203,11 @@ class DistillConfig:
     temperature: float = 1.0
     diversity: str = "all"
     impl: str = "fast"
+    bn_stats: str = "generated"
 
     def validate(self) -> DistillConfig:
         _one_of("impl", self.impl, ("fast", "reference"))
+        _one_of("bn_stats", self.bn_stats, ("generated", "aggregate"))
         _one_of("diversity", self.diversity, ("all", "same_label"))
         for name in ("student_steps", "nz", "ngf"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
@@ -302,9 +325,22 @@ class FTGServer:
         """Fine-tune ``student`` in place from ``teachers`` with label histograms ``counts``.
 
         ``teachers`` are the participants' models (modules, or a teacher set from
-        `fedftg.models.stacked`). The student is left in eval mode. Returns the round's
-        mean loss terms.
+        `fedftg.models.stacked`). The student is left in eval mode, with its BatchNorm
+        statistics re-estimated on generated samples or, with ``bn_stats="aggregate"``,
+        as they came. Returns the round's mean loss terms.
         """
+        with kept_buffers(student, self.cfg.bn_stats == "aggregate"):
+            return self._fine_tune(student, teachers, counts, round_idx, generator)
+
+    def _fine_tune(
+        self,
+        student: nn.Module,
+        teachers: Teachers | Sequence[nn.Module],
+        counts: np.ndarray,
+        round_idx: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
+        """FedFTG's server step proper (see `step`)."""
         cfg, dev = self.cfg, self.device
         fast = cfg.impl == "fast"
         nets = self._teachers(teachers)
