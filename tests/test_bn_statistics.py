@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from benchmark_scripts import load_benchmark
 from fedftg.config import RunConfig
 from fedftg.engine.run import run_experiment
 from fedftg.errors import UserError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bn_statistics.py"
-
 
 @pytest.fixture(scope="module")
 def bns():
-    spec = importlib.util.spec_from_file_location("bn_statistics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bn_statistics")
 
 
 def test_statistics_are_the_plain_average_over_the_batches(bns):

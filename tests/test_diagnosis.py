@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark_scripts import load_benchmark
 from fedftg.config import RunConfig
 from fedftg.engine.simulation import MethodRunner, prepare
 from fedftg.models.stacked import StackedModels
 from fedftg.seeding import torch_rng
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ftg_diagnosis.py"
-
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("ftg_diagnosis", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ftg_diagnosis")
 
 
 @pytest.fixture(scope="module")
