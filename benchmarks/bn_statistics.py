@@ -23,14 +23,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedftg.config import config_from_dict
 from fedftg.engine.checkpoint import read_checkpoint
-from fedftg.engine.simulation import Setup, evaluate, prepare, server_plugin
+from fedftg.engine.simulation import Setup, evaluate, label_histogram, prepare, server_plugin
 from fedftg.errors import UserError
 from fedftg.methods.ftg import sample_labels
 
@@ -77,7 +76,7 @@ def diagnose(run: Path, images: int, batch_size: int, seed: int) -> dict[str, ob
         plugin = server_plugin(cfg, "ftg", setup.dataset, setup.device)
         plugin.load_state_dict(state["plugin"])
         g = copy.deepcopy(plugin.generator).eval()
-        counts = np.bincount(setup.train.y[held].cpu().numpy(), minlength=setup.dataset.num_classes)
+        counts = label_histogram(setup.train.y[held], setup.dataset.num_classes)
         labels = sample_labels(counts.astype(float), -(-images // batch_size), batch_size, gen)
 
         def generated() -> Iterable[torch.Tensor]:
