@@ -2,13 +2,14 @@
 
 FedFTG's student steps run in train mode, so the model it hands on carries BatchNorm
 running statistics estimated on generated samples. This evaluates the final global model
-of each run directory (its checkpoint) with three sets of statistics, the weights fixed:
+of each run directory (its checkpoint: the run's last method) with three sets of
+statistics, the weights fixed:
 
   saved      as the run left them (the run's own final accuracy)
   real       re-estimated on real training images that the clients hold (a reference a
              data-free server does not have: what the weights are worth with good statistics)
   generated  re-estimated on the run's generator, labels in the clients' class mix
-             (FedFTG runs only)
+             (runs with a server plug-in: FedFTG or FedDF)
 
 One JSON object per run on stdout. Usage:
   python benchmarks/bn_statistics.py runs/r18-a0.1-fedftg-s0 runs/r18-a0.1-fedavg-s0
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.config import config_from_dict
+from fedftg.config import config_from_dict, split_method
 from fedftg.engine.checkpoint import read_checkpoint
 from fedftg.engine.simulation import Setup, evaluate, label_histogram, prepare, server_plugin
 from fedftg.errors import UserError
@@ -58,7 +59,8 @@ def diagnose(run: Path, images: int, batch_size: int, seed: int) -> dict[str, ob
         raise UserError(f"{run}: no readable config.json ({exc})") from None
     saved_cfg.pop("environment", None)
     cfg = config_from_dict(saved_cfg)
-    state = read_checkpoint(run / "checkpoint.pt")["state"]
+    saved = read_checkpoint(run / "checkpoint.pt")
+    method, state = saved["current"], saved["state"]
     setup: Setup = prepare(cfg)
     model = setup.new_model()
     model.load_state_dict(state["global_state"])
@@ -68,12 +70,14 @@ def diagnose(run: Path, images: int, batch_size: int, seed: int) -> dict[str, ob
     real = (setup.train.batch(pick[i : i + batch_size])[0] for i in range(0, len(pick), batch_size))
     out: dict[str, object] = {
         "run": str(run),
+        "method": method,
         "round": int(state["round"]),
         "saved": evaluate(model, setup.test)[0],
         "real": evaluate(with_statistics_from(model, real), setup.test)[0],
     }
-    if state.get("plugin"):
-        plugin = server_plugin(cfg, "ftg", setup.dataset, setup.device)
+    plugin_name = split_method(method)[1]
+    if plugin_name is not None:
+        plugin = server_plugin(cfg, plugin_name, setup.dataset, setup.device)
         plugin.load_state_dict(state["plugin"])
         g = copy.deepcopy(plugin.generator).eval()
         counts = label_histogram(setup.train.y[held], setup.dataset.num_classes)
