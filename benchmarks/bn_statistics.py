@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedftg.config import config_from_dict, split_method
@@ -79,17 +78,10 @@ def diagnose(run: Path, images: int, batch_size: int, seed: int) -> dict[str, ob
     if plugin_name is not None:
         plugin = server_plugin(cfg, plugin_name, setup.dataset, setup.device)
         plugin.load_state_dict(state["plugin"])
-        g = copy.deepcopy(plugin.generator).eval()
         counts = label_histogram(setup.train.y[held], setup.dataset.num_classes)
         labels = sample_labels(counts.astype(float), -(-images // batch_size), batch_size, gen)
-
-        def generated() -> Iterable[torch.Tensor]:
-            with torch.no_grad():
-                for y in labels:
-                    z = torch.randn(len(y), plugin.cfg.nz, generator=gen)
-                    yield g(z, F.one_hot(y, setup.dataset.num_classes).float())
-
-        out["generated"] = evaluate(with_statistics_from(model, generated()), setup.test)[0]
+        generated = (plugin.generate(y, gen) for y in labels)
+        out["generated"] = evaluate(with_statistics_from(model, generated), setup.test)[0]
     return out
 
 

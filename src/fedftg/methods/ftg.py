@@ -424,13 +424,18 @@ class FTGServer:
         return out
 
     @torch.no_grad()
+    def generate(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Generated images (normalised scale) of labels ``y``, from a copy of the generator
+        in eval mode, so the live generator's training state is untouched."""
+        z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
+            self.device
+        )
+        g = copy.deepcopy(self.generator).eval()
+        return g(z, self._onehot(y.to(self.device)))
+
     def sample_images(
         self, per_class: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class`` generated images of every class (normalised scale) and labels."""
         y = torch.arange(self.num_classes).repeat_interleave(per_class).to(self.device)
-        z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
-            self.device
-        )
-        g = copy.deepcopy(self.generator).eval()
-        return g(z, self._onehot(y)), y
+        return self.generate(y, generator), y
