@@ -213,11 +213,9 @@ def _divergence(server: FTGServer, student, teachers, counts) -> float:
     """Mean KL(weighted ensemble || student) on fresh generated samples (fixed seed)."""
     gen = _gen(123)
     y = sample_labels(counts.sum(0), 1, 64, gen)[0]
-    z = torch.randn(64, server.cfg.nz, generator=gen)
-    g = copy.deepcopy(server.generator).eval()
+    x = server.generate(y, gen)
     student.eval()
     with torch.no_grad():
-        x = g(z, F.one_hot(y, C).float())
         w = class_weights(counts)[:, y]
         p = ensemble_target(torch.stack([t(x) for t in teachers]), w)
         return float(F.kl_div(F.log_softmax(student(x), 1), p, reduction="batchmean"))
@@ -241,6 +239,25 @@ def test_step_moves_student_toward_ensemble_and_leaves_teachers_alone():
         assert not t.training
     assert set(metrics) >= {"loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"}
     assert metrics["sample_spread"] > 0  # batch 50 over few classes: same-label pairs exist
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_reads_the_generator_in_eval_mode_and_leaves_it_as_it_was(training):
+    teachers, counts = _trained_teachers()
+    server = _server()
+    server.step(Net(), teachers, counts, 0, _gen(0))  # running statistics away from init
+    server.generator.train(training)
+    before = copy.deepcopy(server.generator.state_dict())
+    y = torch.tensor([0, 1, 2, 2, 1, 0, 3, 3])
+    x = server.generate(y, _gen(7))
+    gen = _gen(7)
+    z = torch.randn(len(y), server.cfg.nz, generator=gen)
+    with torch.no_grad():
+        ref = copy.deepcopy(server.generator).eval()(z, F.one_hot(y, C).float())
+    assert torch.equal(x, ref)
+    assert server.generator.training is training
+    for k, v in server.generator.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_generator_state_persists_across_rounds_and_checkpoints():

@@ -9,7 +9,6 @@ maths is in pure functions below; `FTGServer` runs the authors' schedule with th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -425,13 +424,17 @@ class FTGServer:
 
     @torch.no_grad()
     def generate(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Generated images (normalised scale) of labels ``y``, from a copy of the generator
-        in eval mode, so the live generator's training state is untouched."""
+        """Generated images (normalised scale) of labels ``y``, from the generator in eval mode
+        (its running statistics are read, not updated); its train/eval mode is restored."""
         z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
             self.device
         )
-        g = copy.deepcopy(self.generator).eval()
-        return g(z, self._onehot(y.to(self.device)))
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return self.generator(z, self._onehot(y.to(self.device)))
+        finally:
+            self.generator.train(was_training)
 
     def sample_images(
         self, per_class: int, generator: torch.Generator
