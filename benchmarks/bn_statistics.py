@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedftg.config import config_from_dict, split_method
+from fedftg.config import config_from_dict
 from fedftg.engine.checkpoint import read_checkpoint
 from fedftg.engine.simulation import Setup, evaluate, label_histogram, prepare, server_plugin
 from fedftg.errors import UserError
 from fedftg.methods.ftg import sample_labels
+from fedftg.registry import split_method
 
 
 def with_statistics_from(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:

@@ -38,7 +38,7 @@ import sys
 import numpy as np
 import torch
 
-from fedftg.config import FTGConfig, RunConfig, apply_overrides, nest_dotted
+from fedftg.config import RunConfig, apply_overrides, nest_dotted
 from fedftg.data.batches import DeviceArrays
 from fedftg.engine.simulation import (
     MethodRunner,
@@ -50,6 +50,7 @@ from fedftg.engine.simulation import (
 )
 from fedftg.errors import UserError
 from fedftg.methods.ftg import (
+    FTGConfig,
     class_weights,
     distill_loss,
     ensemble_target,

@@ -120,9 +120,9 @@ def test_unreadable_and_invalid_config_files(tmp_path, capsys):
 
 def test_config_file_then_flags_override(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('rounds = 7\nmethod = ["scaffold"]\nalpha = 0.3\n[ftg]\niterations = 4\n')
+    f.write_text('rounds = 7\nmethod = ["scaffold+ftg"]\nalpha = 0.3\n[ftg]\niterations = 4\n')
     cfg = build_config(f, {"alpha": "0.9"})
-    assert cfg.rounds == 7 and cfg.method == ["scaffold"] and cfg.alpha == 0.9
+    assert cfg.rounds == 7 and cfg.method == ["scaffold+ftg"] and cfg.alpha == 0.9
     assert cfg.ftg.iterations == 4
     assert config_from_dict(cfg.to_dict()) == cfg
 

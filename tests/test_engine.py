@@ -86,7 +86,7 @@ def test_ftg_plugs_into_every_client_method(setup, method):
 def test_scaffold_ftg_keeps_the_pre_step_aggregate_by_default(setup):
     runners = {
         ref: MethodRunner(
-            dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, scaffold_reference=ref)),
+            dataclasses.replace(setup, cfg=setup.cfg.override({"scaffold.reference": ref})),
             "scaffold",
             "ftg",
         )
@@ -115,7 +115,7 @@ def test_scaffold_variate_lr_initial_divides_by_the_undecayed_lr(setup):
     cfg = dataclasses.replace(setup.cfg, lr_decay=0.5)
     runners = {
         v: MethodRunner(
-            dataclasses.replace(setup, cfg=dataclasses.replace(cfg, scaffold_variate_lr=v)),
+            dataclasses.replace(setup, cfg=cfg.override({"scaffold.variate_lr": v})),
             "scaffold",
             None,
         )

@@ -11,16 +11,15 @@ from fedftg.data.batches import DeviceArrays, augment, epoch_batches
 from fedftg.methods.aggregation import select_clients, weighted_average
 from fedftg.methods.client import (
     ClientMethod,
-    FedDyn,
-    FedProx,
     LocalContext,
     LocalSpec,
-    Moon,
-    Scaffold,
     detached_state,
-    moon_contrastive,
     train_local,
 )
+from fedftg.methods.feddyn import FedDyn
+from fedftg.methods.fedprox import FedProx
+from fedftg.methods.moon import Moon, moon_contrastive
+from fedftg.methods.scaffold import Scaffold
 
 
 class TinyNet(nn.Module):
@@ -208,7 +207,7 @@ def test_scaffold_correction_term_gradient_is_c_minus_ck():
         ctx.client_state[n] = torch.randn_like(p)
     term = sc.begin(model, ctx)
     x = torch.randn(4, 1, 4, 4)
-    term(dict(model.named_parameters()), model.features(x), None, x).backward()
+    term(dict(model.named_parameters()), model.features(x), None, {"x": x}).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ctx.server_state[n] - ctx.client_state[n])
 
@@ -225,7 +224,7 @@ def test_feddyn_term_gradient():
             p.add_(torch.randn_like(p) * 0.1)
     term = dyn.begin(model, ctx)
     x = torch.randn(4, 1, 4, 4)
-    term(dict(model.named_parameters()), model.features(x), None, x).backward()
+    term(dict(model.named_parameters()), model.features(x), None, {"x": x}).backward()
     for n, p in model.named_parameters():
         expected = -ctx.client_state[n] + 0.3 * (p.detach() - ctx.global_state[n])
         torch.testing.assert_close(p.grad, expected)

@@ -188,20 +188,21 @@ def test_settings_added_later_keep_older_runs_resumable(tmp_path):
 
 
 def _fingerprints_without_and_with(methods: list[str], name: str, value: str) -> tuple[str, str]:
-    """Fingerprints of a config written before the top-level setting ``name`` existed, and
-    of the same config with ``name`` = ``value``."""
+    """Fingerprints of a config written before the section setting ``name`` (``a.b``)
+    existed, and of the same config with ``name`` = ``value``."""
     from fedftg.config import RunConfig
     from fedftg.engine.checkpoint import config_fingerprint
 
-    now = RunConfig(method=methods, **{name: value}).validate().to_dict()
+    now = RunConfig(method=methods).override({name: value}).to_dict()
     older = json.loads(json.dumps(now))
-    del older[name]
+    section, _, field = name.partition(".")
+    del older[section][field]
     return config_fingerprint(older), config_fingerprint(now)
 
 
 def test_scaffold_reference_counts_only_for_scaffold_with_a_plug_in():
     def pair(methods: list[str], reference: str) -> tuple[str, str]:
-        return _fingerprints_without_and_with(methods, "scaffold_reference", reference)
+        return _fingerprints_without_and_with(methods, "scaffold.reference", reference)
 
     # without a plug-in on SCAFFOLD the setting changes nothing, so older runs still match
     for methods in (["fedavg", "fedftg"], ["scaffold"], ["scaffold", "feddyn+ftg"]):
@@ -217,7 +218,7 @@ def test_scaffold_reference_counts_only_for_scaffold_with_a_plug_in():
 
 def test_scaffold_variate_lr_counts_only_for_scaffold_and_round_matches_older_runs():
     def pair(methods: list[str], value: str) -> tuple[str, str]:
-        return _fingerprints_without_and_with(methods, "scaffold_variate_lr", value)
+        return _fingerprints_without_and_with(methods, "scaffold.variate_lr", value)
 
     for methods in (["fedavg", "fedftg"], ["feddyn+ftg"]):
         for value in ("round", "initial"):

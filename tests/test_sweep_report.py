@@ -159,10 +159,15 @@ def test_phases_split_early_rounds_finely():
 
 def _fake_run(path, method, seed, accs, before=None, **settings):
     """A finished run directory with a given accuracy curve (and pre-server accuracies);
-    a setting given as None is left out of its config, as in runs older than the setting."""
+    a setting given as None is left out of its config, as in runs older than the setting;
+    a section setting is named with two underscores (``scaffold__reference``)."""
     cfg = RunConfig(method=[method], seed=seed, rounds=len(accs), out=str(path)).to_dict()
-    cfg.update(settings)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
+    for key, value in settings.items():
+        section, _, name = key.partition("__")
+        table = cfg[section] if name else cfg
+        table[name or key] = value
+        if value is None:
+            del table[name or key]
     path.mkdir(parents=True)
     records = []
     for r, acc in enumerate(accs, start=1):
@@ -200,19 +205,19 @@ def test_report_without_plugins_has_no_plugin_table(tmp_path):
 
 
 def test_report_names_method_settings_and_pairs_every_variant_with_its_base(tmp_path):
-    # the base from before `scaffold_reference` existed, one run of each reference, and an
+    # the base from before `scaffold.reference` existed, one run of each reference, and an
     # older SCAFFOLD+FTG run: its missing setting reads as the earlier behaviour, `sent`
-    _fake_run(tmp_path / "b0", "scaffold", 0, [0.5] * 3, scaffold_reference=None)
+    _fake_run(tmp_path / "b0", "scaffold", 0, [0.5] * 3, scaffold__reference=None)
     _fake_run(tmp_path / "g0", "scaffold+ftg", 0, [0.52] * 3, [0.5] * 3)
-    _fake_run(tmp_path / "s0", "scaffold+ftg", 0, [0.49] * 3, [0.5] * 3, scaffold_reference="sent")
-    _fake_run(tmp_path / "o1", "scaffold+ftg", 1, [0.47] * 3, [0.5] * 3, scaffold_reference=None)
+    _fake_run(tmp_path / "s0", "scaffold+ftg", 0, [0.49] * 3, [0.5] * 3, scaffold__reference="sent")
+    _fake_run(tmp_path / "o1", "scaffold+ftg", 1, [0.47] * 3, [0.5] * 3, scaffold__reference=None)
     md = build_report([tmp_path], tmp_path / "rep", target=0.0).read_text()
     assert "4 runs in 1 setting(s)" in md
     assert "| scaffold | 1 | 50.00 | 50.00 |" in md  # one seed: no spread to show
-    assert "| scaffold+ftg (scaffold_reference=sent) | 2 | 48.00 ± 1.41 |" in md
+    assert "| scaffold+ftg (scaffold.reference=sent) | 2 | 48.00 ± 1.41 |" in md
     assert "| scaffold+ftg | scaffold | 1 | +2.00 (+2.00) | +2.00 | 3 of 3 |" in md
     sent = (
-        "| scaffold+ftg (scaffold_reference=sent) | scaffold | 1 | -1.00 (-2.00) | -1.00 | 0 of 6 |"
+        "| scaffold+ftg (scaffold.reference=sent) | scaffold | 1 | -1.00 (-2.00) | -1.00 | 0 of 6 |"
     )
     assert sent in md
     # runs of another client method, or another plug-in setting, still split

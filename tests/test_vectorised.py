@@ -7,17 +7,19 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
-from fedftg.engine.simulation import MethodRunner, prepare
+from fedftg.engine.simulation import MethodRunner, client_method, prepare
 from fedftg.methods.client import (
     ClientMethod,
     LocalContext,
     LocalResult,
     LocalSpec,
-    build_method,
+    Term,
+    combine_terms,
     detached_state,
     train_local,
 )
@@ -37,7 +39,8 @@ def _data(n: int, channels: int, size: int, classes: int, seed: int = 0) -> Devi
 
 def _method(name: str) -> ClientMethod:
     # strong terms, so a wrong per-client anchor or correction shows
-    return build_method(name, prox_mu=0.5, feddyn_alpha=0.3, moon_mu=1.0, moon_tau=0.5)
+    cfg = RunConfig().override({"fedprox.mu": 0.5, "feddyn.alpha": 0.3, "moon.mu": 1.0})
+    return client_method(cfg, name)
 
 
 def _contexts(model: nn.Module, method: ClientMethod, n: int, seed: int) -> list[LocalContext]:
@@ -68,19 +71,25 @@ def _both_paths(
     sizes: list[int],
     method: ClientMethod,
     spec: LocalSpec,
+    extra=None,
 ) -> tuple[list[LocalResult], list[LocalResult], list[LocalContext], list[LocalContext]]:
-    """Sequential and vectorised results (and contexts) from the same starting point."""
+    """Sequential and vectorised results (and contexts) from the same starting point;
+    ``extra(k)``, if given, makes client k's plug-in term (fresh for each path)."""
     starts = np.cumsum([0, *sizes])
     idxs = [torch.arange(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
     ctx_seq = _contexts(model, method, len(sizes), seed=7)
     ctx_vec = _contexts(model, method, len(sizes), seed=7)
+
+    def extras() -> list[Term | None]:
+        return [extra(k) if extra else None for k in range(len(sizes))]
+
     seq = [
-        train_local(model, data, idx, method, ctx, spec, torch.Generator().manual_seed(10 + k))
-        for k, (idx, ctx) in enumerate(zip(idxs, ctx_seq, strict=True))
+        train_local(model, data, idx, method, ctx, spec, torch.Generator().manual_seed(10 + k), e)
+        for k, (idx, ctx, e) in enumerate(zip(idxs, ctx_seq, extras(), strict=True))
     ]
     model.load_state_dict(ctx_seq[0].global_state)
     gens = [torch.Generator().manual_seed(10 + k) for k in range(len(sizes))]
-    vec = train_local_vmap(model, data, idxs, method, ctx_vec, spec, gens)
+    vec = train_local_vmap(model, data, idxs, method, ctx_vec, spec, gens, extras())
     return seq, vec, ctx_seq, ctx_vec
 
 
@@ -145,6 +154,67 @@ def test_vmap_matches_sequential_on_resnet18():
     seq, vec, ctx_seq, ctx_vec = _both_paths(model, data, [4, 7], _method("fedavg"), spec)
     assert [r.steps for r in seq] == [1, 2]
     _assert_same(seq, vec, ctx_seq, ctx_vec, atol=1e-4)
+
+
+def _synthetic_plugin_term(k: int, classes: int = 3, dim: int = 8) -> Term:
+    """A plug-in-like client term, FedGen's shape: the classifier head on features drawn
+    per step from the term's own stream, with labels drawn too, weighted per client."""
+    rng = torch.Generator().manual_seed(100 + k)
+
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "z": torch.randn(5, dim, generator=rng),
+            "labels": torch.randint(0, classes, (5,), generator=rng),
+        }
+
+    def fn(params, client, shared, feats, logits, batch):
+        head = F.linear(batch["z"], params["classifier.weight"], params["classifier.bias"])
+        return client["w"] * F.cross_entropy(head, batch["labels"])
+
+    return Term(fn, client={"w": torch.tensor(0.5 + k)}, prepare=prepare)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon"])
+def test_a_plug_in_term_composes_with_the_method_term_in_both_paths(method):
+    torch.manual_seed(4)
+    model = TinyNet()
+    init = detached_state(model)
+    data = _data(60, 1, 4, 3)
+    spec = LocalSpec(lr=0.1, epochs=2, batch_size=8, momentum=0.9, clip=0.5)
+    runs = _both_paths(model, data, [20, 13, 27], _method(method), spec, _synthetic_plugin_term)
+    _assert_same(*runs)
+    model.load_state_dict(init)
+    plain = _both_paths(model, data, [20, 13, 27], _method(method), spec)[0]
+    for a, b in zip(plain, runs[0], strict=True):  # the term did change the training
+        assert not torch.allclose(a.state["classifier.weight"], b.state["classifier.weight"])
+    # the plug-in draws from its own stream: the method's batches are the same as without it
+    model.load_state_dict(init)
+    ctx = _contexts(model, _method(method), 1, seed=7)[0]
+    states = []
+    for term in (None, _synthetic_plugin_term(0)):
+        gen = torch.Generator().manual_seed(3)
+        train_local(model, data, torch.arange(20), _method(method), ctx, spec, gen, term)
+        states.append(gen.get_state())
+    assert torch.equal(*states)
+
+
+def test_combined_terms_add_up_on_their_own_inputs():
+    a = Term(
+        lambda p, c, s, f, lg, b: (p["w"] * c["u"]).sum() + b["x"].sum(),
+        client={"u": torch.ones(2)},
+    )
+    b = Term(
+        lambda p, c, s, f, lg, b: (p["w"] * s["v"]).sum() * b["e"].sum(),
+        shared={"v": torch.full((2,), 3.0)},
+        prepare=lambda x, y: {"e": y.float()},
+    )
+    both = combine_terms(a, None, b)
+    params, x, y = {"w": torch.tensor([1.0, 2.0])}, torch.ones(3), torch.tensor([1, 2, 3])
+    batch = both.inputs(x, y)
+    assert set(batch) == {"x", "y", "1.e"}
+    total = both(params, None, None, batch)
+    assert float(total) == pytest.approx(3.0 + 3.0 + 9.0 * 6.0)
+    assert combine_terms(None, a) is a and combine_terms(None) is None
 
 
 def test_vmap_rejects_mismatched_inputs():

@@ -90,7 +90,7 @@ class BenchSettings:
         ``batch_size`` is both the local batch and FedFTG's generated batch B; the FTG
         schedule is the default one (I = 10, I_g = 1, I_d = 5).
         """
-        return RunConfig(
+        cfg = RunConfig(
             dataset=self.dataset,
             clients=self.clients,
             samples_per_client=self.samples_per_client,
@@ -104,8 +104,9 @@ class BenchSettings:
             precision=self.precision,
             client_batching="auto" if fast else "sequential",
             seed=self.seed,
-            ftg=FTGConfig(batch_size=self.batch_size, impl="fast" if fast else "reference"),
-        ).validate()
+        )
+        cfg.ftg = FTGConfig(batch_size=self.batch_size, impl="fast" if fast else "reference")
+        return cfg.validate()
 
     def validate(self) -> BenchSettings:
         """Raise `UserError` naming the first bad setting; returns self."""

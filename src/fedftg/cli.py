@@ -8,7 +8,6 @@ file given with `--config` is applied first, flags override it. Bad input ends w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import typing
@@ -16,37 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedftg.config import SECTIONS, RunConfig, build_config, config_from_dict, nest_dotted
+from fedftg import registry
+from fedftg.config import (
+    RunConfig,
+    build_config,
+    check_given,
+    config_from_dict,
+    core_fields,
+    given_keys,
+    method_help,
+    nest_dotted,
+)
 from fedftg.errors import UserError
+from fedftg.settings import fields
 
 EXIT_USAGE = 2
-
-HELP = {
-    "dataset": "digits (embedded), mnist, fmnist, cifar10, cifar100, imagefolder",
-    "data_dir": "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
-    "partition": "iid, dirichlet (authors'), dirichlet-label (NIID-Bench), shards",
-    "alpha": "Dirichlet concentration (smaller = more non-IID)",
-    "participation": "fraction of clients per round (0, 1]",
-    "selection": "fixed: exactly round(participation*N); bernoulli: each client independently",
-    "method": "comma list: fedavg, fedprox, scaffold, feddyn, moon, each optionally +ftg or "
-    "+df; fedftg = fedavg+ftg",
-    "model": "cnn, cnn-bn, resnet18, resnet18-gn",
-    "local_steps": "fixed number of local steps (overrides --local-epochs)",
-    "augment": "auto (flip + pad-crop for 32x32 RGB), on, off",
-    "device": "cpu, cuda, cuda:N, mps",
-    "client_batching": "sequential (one client after another), vmap (the round's clients in "
-    "one batched step), auto (vmap on CUDA, sequential on CPU)",
-    "precision": "fp32, or bf16 autocast for local training and the server step",
-    "out": "run directory for config.json, metrics.jsonl, summary.json, curves.png",
-    "eval_every": "evaluate on the full test set every k rounds (and at the last)",
-    "eval_ensemble": "also record the test accuracy of the round's client models as an "
-    "ensemble (ensemble_acc, class_ensemble_acc): the knowledge averaging lost",
-    "scaffold_reference": "with a server plug-in, the model SCAFFOLD's control variates measure "
-    "the clients' progress from: aggregate (before the plug-in's step, authors') or sent",
-    "scaffold_variate_lr": "the learning rate SCAFFOLD's control-variate update divides the "
-    "clients' progress by: round (this round's decayed lr) or initial (--lr, authors')",
-    "histogram_epsilon": "Laplace noise on the uploaded label histograms (0 = exact counts)",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,41 +44,44 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def _flag(parser: Any, dest: str, flags: list[str], kind: Any, help_text: str) -> None:
+    if kind is bool:
+        parser.add_argument(
+            *flags,
+            dest=dest,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+    else:
+        parser.add_argument(
+            *flags, dest=dest, default=argparse.SUPPRESS, metavar="V", help=help_text
+        )
+
+
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting: the shared ones, then a group per method / plug-in section
+    (`fedftg.registry`); settings that had a flat name before sections keep it as an alias."""
     hints = typing.get_type_hints(RunConfig)
     group = parser.add_argument_group("run settings (defaults in brackets)")
     defaults = RunConfig()
-    for f in dataclasses.fields(RunConfig):
-        if f.name in SECTIONS:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = (HELP.get(f.name, "") + f" [{shown}]").strip()
-        if hints[f.name] is bool:
-            group.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        else:
-            group.add_argument(
-                flag, dest=f.name, default=argparse.SUPPRESS, metavar="V", help=help_text
-            )
-    for section, cls in SECTIONS.items():
-        sub = parser.add_argument_group(f"{section} server plug-in settings")
-        sub_defaults = cls()
-        for f in dataclasses.fields(cls):
-            flag = f"--{section}-" + f.name.replace("_", "-")
-            sub.add_argument(
-                flag,
-                dest=f"{section}.{f.name}",
-                default=argparse.SUPPRESS,
-                metavar="V",
-                help=f"[{getattr(sub_defaults, f.name)}]",
-            )
+    for f, m in core_fields():
+        help_text = method_help() if f.name == "method" else m.help
+        shown = f" [{_shown(getattr(defaults, f.name))}]"
+        _flag(group, f.name, ["--" + f.name.replace("_", "-")], hints[f.name], help_text + shown)
+    for section, cls in registry.sections().items():
+        sub = parser.add_argument_group(f"{section}: {registry.section_summary(section)}")
+        kinds = typing.get_type_hints(cls)
+        for f, m in fields(cls):
+            flags = [f"--{section}-" + f.name.replace("_", "-")]
+            if m.legacy_key and m.legacy_key.replace("_", "-") != flags[0][2:]:
+                flags.append("--" + m.legacy_key.replace("_", "-"))
+            shown = f" [{_shown(getattr(defaults.sections[section], f.name))}]"
+            _flag(sub, f"{section}.{f.name}", flags, kinds[f.name], (m.help + shown).strip())
 
 
 IGNORED_KEYS = {
@@ -136,7 +122,9 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     grid = parse_grid(values.pop("grid", {}))
     grid.update(parse_grid(ns.grid or []))
     cfg = apply_overrides(RunConfig(), values, where=f"{ns.config}: " if ns.config else "")
-    cfg = apply_overrides(cfg, _overrides(ns)).validate()
+    overrides = _overrides(ns)
+    cfg = apply_overrides(cfg, overrides).validate()
+    check_given(cfg, given_keys(values) + given_keys(overrides))
     results = run_sweep(cfg, grid, jobs=ns.jobs)
     for r in results:
         print(f"{r['name']:<40} {r['status']}  ({r['out']})")

@@ -1,237 +1,344 @@
 """Run configuration: the one place for defaults, with TOML files, overrides and validation.
 
-A run is described by a flat `RunConfig`; server plug-in knobs live in the nested
-`FTGConfig` / `FedDFConfig` sections (`[ftg]` and `[df]` tables in TOML, `--ftg-*` and
-`--df-*` flags on the command line). Everything is validated once, in `validate`, and every
-problem becomes a `UserError` naming the field.
+A `RunConfig` holds the settings every method of a run shares (data, federation, local
+training, bookkeeping) as fields, and one section per client method or server plug-in that
+has settings of its own (`fedftg.registry.sections`): ``cfg.fedprox.mu``,
+``cfg.ftg.iterations``. In TOML they are ``[fedprox]`` / ``[ftg]`` tables, on the command line
+``--fedprox-mu`` / ``--ftg-iterations``, in Flower's run config ``fedprox-mu``. The names
+settings had before they moved into sections (``prox_mu``, ``--prox-mu``) keep working.
+
+Every setting is declared with its help, check and history (`fedftg.settings`); from those
+come validation (one `UserError` naming the field), the CLI flags and the run fingerprint
+(`fingerprint`), which stays the same for run directories written before a setting existed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
+import hashlib
+import json
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedftg import registry
+from fedftg.data.partition import SCHEMES
+from fedftg.data.sources import NAMES as DATASETS
 from fedftg.errors import UserError
-from fedftg.methods.client import SCAFFOLD_REFERENCES, SCAFFOLD_VARIATE_LRS
-from fedftg.methods.feddf import FedDFConfig
-from fedftg.methods.ftg import FTGConfig
+from fedftg.methods.aggregation import SELECTIONS
+from fedftg.models import MODEL_NAMES
+from fedftg.settings import (
+    MISSING,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Check,
+    Meta,
+    Settings,
+    at_least,
+    below,
+    between,
+    check_value,
+    fields,
+    setting,
+    validate_section,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-DATASETS = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "imagefolder")
-PARTITIONS = ("iid", "dirichlet", "dirichlet-label", "shards")
-CLIENT_METHODS = ("fedavg", "fedprox", "scaffold", "feddyn", "moon")
-PLUGINS = ("ftg", "df")
-ALIASES = {"fedftg": "fedavg+ftg", "feddf": "fedavg+df"}
-SELECTIONS = ("fixed", "bernoulli")
 AUGMENT = ("auto", "on", "off")
 CLIENT_BATCHING = ("auto", "sequential", "vmap")
 PRECISIONS = ("fp32", "bf16")
+# keys a saved config.json holds beside the settings
+RECORD_KEYS = ("environment", "engine")
+
+_DEVICE = Check(
+    lambda v: isinstance(v, str) and (v == "cpu" or v.startswith(("cuda", "mps"))),
+    "cpu, cuda, cuda:N or mps",
+)
 
 
-def split_method(name: str) -> tuple[str, str | None]:
-    """(client method, server plug-in or None) of a method name: ``fedftg`` -> (fedavg, ftg)."""
-    base, _, plugin = ALIASES.get(name, name).partition("+")
-    return base, plugin or None
+def method_help() -> str:
+    alias_text = ", ".join(f"{a} = {full}" for a, full in registry.aliases().items())
+    return (
+        f"comma list: {', '.join(registry.methods())}, each optionally "
+        f"{' or '.join('+' + p for p in registry.plugins())}; {alias_text}"
+    )
 
 
-# settings that only some methods read: whether (client method, plug-in) reads ``name``
-METHOD_SETTINGS: dict[str, typing.Callable[[str, str | None], bool]] = {
-    "scaffold_reference": lambda base, plugin: base == "scaffold" and plugin is not None,
-    "scaffold_variate_lr": lambda base, plugin: base == "scaffold",
-}
-
-
-def method_specific(name: str) -> bool:
-    """Whether only some methods read setting ``name``: a `METHOD_SETTINGS` entry, or a
-    plug-in's section (``ftg``) or one of its settings (``ftg.gen_lr``)."""
-    return name in METHOD_SETTINGS or name.partition(".")[0] in PLUGINS
-
-
-def reads_setting(method: str, name: str) -> bool:
-    """Whether ``method`` (a method name, aliases allowed) reads the `method_specific`
-    setting ``name``: a plug-in's settings are read by the methods with that plug-in."""
-    base, plugin = split_method(method)
-    section = name.partition(".")[0]
-    if section in PLUGINS:
-        return plugin == section
-    return METHOD_SETTINGS[name](base, plugin)
-
-
-def unused_settings(methods: list[str]) -> set[str]:
-    """The `METHOD_SETTINGS` that none of ``methods`` reads."""
-    return {k for k in METHOD_SETTINGS if not any(reads_setting(m, k) for m in methods)}
+def _default_sections() -> dict[str, Settings]:
+    return {name: cls() for name, cls in registry.sections().items()}
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines one experiment (all methods in it share data, split and init)."""
+    """Everything that defines one experiment (all methods in it share data, split and init).
+
+    Sections are reached as attributes: ``cfg.ftg`` is ``cfg.sections["ftg"]``.
+    """
 
     # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = True
+    dataset: str = setting("digits", ", ".join(DATASETS), choices=DATASETS)
+    data_dir: str | None = setting(
+        None,
+        "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
+        pooled=True,
+    )
+    download: bool = setting(True, "download missing dataset files (when online)")
     # federation
-    clients: int = 10
-    partition: str = "dirichlet"
-    alpha: float = 0.1
-    sigma: float = 0.0
-    shards_per_client: int = 2
-    min_size: int = 10
-    samples_per_client: int | None = None
-    participation: float = 0.5
-    selection: str = "fixed"
-    rounds: int = 30
+    clients: int = setting(10, "number of clients", check=POSITIVE_INT)
+    partition: str = setting(
+        "dirichlet",
+        "iid, dirichlet (authors'), dirichlet-label (NIID-Bench), shards",
+        choices=SCHEMES,
+    )
+    alpha: float = setting(0.1, "Dirichlet concentration (smaller = more non-IID)", check=POSITIVE)
+    sigma: float = setting(0.0, "lognormal quantity skew (0 = balanced)", check=NON_NEGATIVE)
+    shards_per_client: int = setting(2, "shards per client (shards)", check=POSITIVE_INT)
+    min_size: int = setting(
+        10, "least samples per client (dirichlet-label)", check=at_least(0, integer=True)
+    )
+    samples_per_client: int | None = setting(
+        None,
+        "samples per client (default: the whole training set, split)",
+        check=POSITIVE_INT,
+        optional=True,
+    )
+    participation: float = setting(0.5, "fraction of clients per round (0, 1]", check=between(0, 1))
+    selection: str = setting(
+        "fixed",
+        "fixed: exactly round(participation*N); bernoulli: each client independently",
+        choices=SELECTIONS,
+    )
+    rounds: int = setting(30, "communication rounds", check=POSITIVE_INT)
     # model and local training
-    model: str = "cnn"
-    local_epochs: int = 2
-    local_steps: int | None = None
-    batch_size: int = 50
-    lr: float = 0.1
-    lr_decay: float = 0.998
-    weight_decay: float = 1e-3
-    momentum: float = 0.0
-    clip: float = 10.0
-    augment: str = "auto"
+    model: str = setting("cnn", ", ".join(MODEL_NAMES), choices=MODEL_NAMES)
+    local_epochs: int = setting(2, "local epochs per round", check=POSITIVE_INT)
+    local_steps: int | None = setting(
+        None,
+        "fixed number of local steps (overrides --local-epochs)",
+        check=POSITIVE_INT,
+        optional=True,
+    )
+    batch_size: int = setting(50, "local batch size", check=POSITIVE_INT)
+    lr: float = setting(
+        0.1, "local SGD learning rate (round t uses lr * lr_decay**t)", check=POSITIVE
+    )
+    lr_decay: float = setting(0.998, "per-round learning-rate decay", check=POSITIVE)
+    weight_decay: float = setting(1e-3, "local weight decay", check=NON_NEGATIVE)
+    momentum: float = setting(0.0, "local SGD momentum", check=below(1))
+    clip: float = setting(10.0, "gradient-norm clipping (0 = off)", check=NON_NEGATIVE)
+    augment: str = setting("auto", "auto (flip + pad-crop for 32x32 RGB), on, off", choices=AUGMENT)
     # methods
-    method: list[str] = field(default_factory=lambda: ["fedavg", "fedavg+ftg"])
-    prox_mu: float = 0.01
-    scaffold_server_lr: float = 1.0
-    scaffold_reference: str = "aggregate"
-    scaffold_variate_lr: str = "round"
-    feddyn_alpha: float = 0.01
-    moon_mu: float = 1.0
-    moon_tau: float = 0.5
-    histogram_epsilon: float = 0.0
+    method: list[str] = setting(
+        default_factory=lambda: ["fedavg", "fedavg+ftg"], help="(see fedftg run --help)"
+    )
+    histogram_epsilon: float = setting(
+        0.0,
+        "Laplace noise on the uploaded label histograms (0 = exact counts)",
+        check=NON_NEGATIVE,
+    )
     # evaluation and bookkeeping
-    eval_every: int = 1
-    eval_batch_size: int = 1000
-    eval_ensemble: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    client_batching: str = "auto"
-    precision: str = "fp32"
-    out: str = "runs/latest"
-    checkpoint_every: int = 1
-    # server plug-ins
-    ftg: FTGConfig = field(default_factory=FTGConfig)
-    df: FedDFConfig = field(default_factory=FedDFConfig)
+    eval_every: int = setting(
+        1, "evaluate on the full test set every k rounds (and at the last)", check=POSITIVE_INT
+    )
+    eval_batch_size: int = setting(
+        1000, "evaluation batch size", check=POSITIVE_INT, resumable=True, pooled=True
+    )
+    eval_ensemble: bool = setting(
+        False,
+        "also record the test accuracy of the round's client models as an ensemble "
+        "(ensemble_acc, class_ensemble_acc): the knowledge averaging lost",
+        resumable=True,
+        pooled=True,
+    )
+    seed: int = setting(
+        0,
+        "one seed for partition, initial model, selection and every batch",
+        check=at_least(0, integer=True),
+        pooled=True,
+    )
+    device: str = setting(
+        "cpu", "cpu, cuda, cuda:N, mps", check=_DEVICE, resumable=True, pooled=True
+    )
+    client_batching: str = setting(
+        "auto",
+        "sequential (one client after another), vmap (the round's clients in one batched "
+        "step), auto (vmap on CUDA, sequential on CPU)",
+        choices=CLIENT_BATCHING,
+    )
+    precision: str = setting(
+        "fp32",
+        "fp32, or bf16 autocast for local training and the server step",
+        choices=PRECISIONS,
+    )
+    out: str = setting(
+        "runs/latest",
+        "run directory for config.json, metrics.jsonl, summary.json, curves.png",
+        resumable=True,
+        pooled=True,
+    )
+    checkpoint_every: int = setting(
+        1,
+        "checkpoint every k rounds (0 = off)",
+        check=at_least(0, integer=True),
+        resumable=True,
+        pooled=True,
+    )
+    # one per client method / server plug-in with settings (fedftg.registry.sections)
+    sections: dict[str, Settings] = setting(default_factory=_default_sections, help="", hidden=True)
+
+    def __post_init__(self) -> None:
+        # own copies (dataclasses.replace passes the same dict), every section present
+        given = self.sections
+        self.sections = {
+            name: copy.deepcopy(given[name]) if name in given else cls()
+            for name, cls in registry.sections().items()
+        }
+        unknown = set(given) - set(self.sections)
+        if unknown:
+            raise UserError(f"{sorted(unknown)[0]}: unknown settings section")
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no setting or section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     def methods(self) -> list[tuple[str, str, str | None]]:
         """(display name, client method, plug-in or None) for each requested method."""
-        return [(raw, *split_method(raw)) for raw in self.method]
+        return [(raw, *registry.split_method(raw)) for raw in self.method]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fully resolved config."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict of the fully resolved config (sections as sub-tables)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f, _ in core_fields()}
+        out.update({name: dataclasses.asdict(s) for name, s in self.sections.items()})
+        return out
+
+    def copy(self) -> RunConfig:
+        """An independent copy (sections included)."""
+        return copy.deepcopy(self)
+
+    def override(self, values: dict[str, Any]) -> RunConfig:
+        """A validated copy with ``values`` set (any key form `canonical_key` accepts)."""
+        return apply_overrides(self.copy(), values).validate()
 
     def validate(self) -> RunConfig:
         """Check every field; raise `UserError` naming the first bad one. Returns self."""
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("partition", self.partition, PARTITIONS)
-        _choice("selection", self.selection, SELECTIONS)
-        _choice("augment", self.augment, AUGMENT)
-        _choice("client_batching", self.client_batching, CLIENT_BATCHING)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("scaffold_reference", self.scaffold_reference, SCAFFOLD_REFERENCES)
-        _choice("scaffold_variate_lr", self.scaffold_variate_lr, SCAFFOLD_VARIATE_LRS)
+        for f, m in core_fields():
+            check_value(f.name, getattr(self, f.name), m)
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
-        _positive_int("clients", self.clients)
-        _positive_int("rounds", self.rounds)
-        _positive_int("local_epochs", self.local_epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("eval_every", self.eval_every)
-        _positive_int("eval_batch_size", self.eval_batch_size)
-        _positive_int("shards_per_client", self.shards_per_client)
-        if isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0:
-            raise UserError(
-                f"checkpoint_every: must be >= 0 (0 = off), got {self.checkpoint_every}"
-            )
-        if self.local_steps is not None:
-            _positive_int("local_steps", self.local_steps)
-        if self.samples_per_client is not None:
-            _positive_int("samples_per_client", self.samples_per_client)
-        if self.min_size < 0:
-            raise UserError(f"min_size: must be >= 0, got {self.min_size}")
-        if not (_finite(self.alpha) and self.alpha > 0):
-            raise UserError(f"alpha: must be a finite number > 0, got {self.alpha}")
-        if not (_finite(self.sigma) and self.sigma >= 0):
-            raise UserError(f"sigma: must be >= 0, got {self.sigma}")
-        if not (_finite(self.participation) and 0 < self.participation <= 1):
-            raise UserError(f"participation: must be in (0, 1], got {self.participation}")
-        for name in ("lr", "lr_decay"):
-            value = getattr(self, name)
-            if not (_finite(value) and value > 0):
-                raise UserError(f"{name}: must be a finite number > 0, got {value}")
-        for name in (
-            "weight_decay",
-            "momentum",
-            "clip",
-            "prox_mu",
-            "feddyn_alpha",
-            "moon_mu",
-            "histogram_epsilon",
-        ):
-            value = getattr(self, name)
-            if not (_finite(value) and value >= 0):
-                raise UserError(f"{name}: must be a finite number >= 0, got {value}")
-        if self.momentum >= 1:
-            raise UserError(f"momentum: must be < 1, got {self.momentum}")
-        if not (_finite(self.moon_tau) and self.moon_tau > 0):
-            raise UserError(f"moon_tau: must be > 0, got {self.moon_tau}")
-        if not (_finite(self.scaffold_server_lr) and self.scaffold_server_lr > 0):
-            raise UserError(f"scaffold_server_lr: must be > 0, got {self.scaffold_server_lr}")
-        if self.feddyn_alpha == 0 and any(b == "feddyn" for _, b, _ in self.methods()):
-            raise UserError("feddyn_alpha: must be > 0 for feddyn")
         if not self.method:
             raise UserError("method: give at least one method")
         if len(set(self.method)) != len(self.method):
             raise UserError(f"method: listed twice in {','.join(self.method)}")
-        for raw, base, plugin in self.methods():
-            if base not in CLIENT_METHODS or (plugin is not None and plugin not in PLUGINS):
-                valid = ", ".join(CLIENT_METHODS)
-                raise UserError(
-                    f"method: unknown method {raw!r}; use one of {valid}, optionally with "
-                    f"'+ftg' or '+df' (aliases: {', '.join(ALIASES)})"
-                )
-        if not self.device or not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
-            raise UserError(f"device: expected cpu, cuda, cuda:N or mps, got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"seed: must be an integer >= 0, got {self.seed!r}")
-        _wrap("ftg", self.ftg.validate)
-        _wrap("df", self.df.validate)
+        for raw in self.method:
+            registry.check_method(raw)
+        for name, s in self.sections.items():
+            validate_section(name, s)
         return self
 
 
-def _wrap(section: str, check: Any) -> None:
-    try:
-        check()
-    except UserError as exc:
-        raise UserError(f"{section}.{exc}") from None
+def core_fields() -> list[tuple[dataclasses.Field, Meta]]:
+    """The shared settings of `RunConfig` (every field but the sections)."""
+    return [(f, m) for f, m in fields(RunConfig) if f.name != "sections"]
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(valid)}")
+# ---------------------------------------------------------------------------------------
+# Names of settings
 
 
-def _positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name}: must be an integer >= 1, got {value!r}")
+def _legacy_keys() -> dict[str, str]:
+    """Flat names of settings that moved into sections: ``{"prox_mu": "fedprox.mu"}``."""
+    return {
+        m.legacy_key: f"{section}.{f.name}"
+        for section, cls in registry.sections().items()
+        for f, m in fields(cls)
+        if m.legacy_key
+    }
 
 
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def canonical_key(key: str) -> str:
+    """A setting's canonical name: ``ftg-gen-lr``, ``ftg_gen_lr`` and ``ftg.gen_lr`` all
+    name FedFTG's generator learning rate, ``prox-mu`` and ``fedprox-mu`` FedProx's mu (the
+    CLI flag, its underscore form, the TOML path, the name from before sections)."""
+    norm = key.strip().replace("-", "_")
+    if "." in norm:
+        section, _, name = norm.partition(".")
+        return f"{section}.{name}"
+    if norm in _core_types():
+        return norm
+    legacy = _legacy_keys()
+    if norm in legacy:
+        return legacy[norm]
+    for section, cls in registry.sections().items():
+        name = norm.removeprefix(section + "_")
+        if name != norm and name in _field_types(cls):
+            return f"{section}.{name}"
+    return norm
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys to sections: ``{"ftg.gen_lr": v}`` -> ``{"ftg": {"gen_lr": v}}`` (TOML shape)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `nest_dotted`: ``{"ftg": {"gen_lr": v}}`` -> ``{"ftg.gen_lr": v}``;
+    flat names from before sections (``prox_mu``) become their dotted names."""
+    out: dict[str, Any] = {}
+    sections = registry.sections()
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm in sections and isinstance(value, dict):
+            out.update({f"{norm}.{sub.replace('-', '_')}": v for sub, v in value.items()})
+        else:
+            out[canonical_key(key) if norm not in _core_types() else norm] = value
+    return out
+
+
+def setting_meta(key: str) -> Meta | None:
+    """The declaration of setting ``key`` (canonical), or None if there is none."""
+    section, dot, name = key.partition(".")
+    if not dot:
+        return next((m for f, m in core_fields() if f.name == key), None)
+    cls = registry.sections().get(section)
+    if cls is None:
+        return None
+    return next((m for f, m in fields(cls) if f.name == name), None)
+
+
+def method_specific(key: str) -> bool:
+    """Whether ``key`` (canonical) is a method's or plug-in's section or one of its settings."""
+    return key.partition(".")[0] in registry.sections()
+
+
+def reads_setting(method: str, key: str) -> bool:
+    """Whether ``method`` (aliases allowed) reads the section setting ``key``."""
+    section, _, name = key.partition(".")
+    return registry.reads(method, section, name or None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +348,12 @@ def _finite(value: float) -> bool:
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _core_types() -> dict[str, Any]:
+    types_ = _field_types(RunConfig)
+    types_.pop("sections")
+    return types_
 
 
 def coerce(name: str, kind: Any, value: Any) -> Any:
@@ -296,64 +409,33 @@ def coerce(name: str, kind: Any, value: Any) -> Any:
     raise UserError(f"{name}: unsupported value {value!r}")  # pragma: no cover
 
 
-SECTIONS: dict[str, type] = {"ftg": FTGConfig, "df": FedDFConfig}
-
-
-def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys to sections: ``{"ftg.gen_lr": v}`` -> ``{"ftg": {"gen_lr": v}}`` (TOML shape)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, dot, name = key.partition(".")
-        if dot:
-            out.setdefault(section, {})[name] = value
-        else:
-            out[key] = value
-    return out
-
-
-def section_key(key: str) -> str:
-    """A setting's canonical name: ``ftg-gen-lr``, ``ftg_gen_lr`` and ``ftg.gen_lr`` all
-    name FedFTG's generator learning rate (the CLI flag, its underscore form, the TOML path).
-    """
-    norm = key.strip().replace("-", "_")
-    if "." in norm or norm in _field_types(RunConfig):
-        return norm
-    for section, cls in SECTIONS.items():
-        name = norm.removeprefix(section + "_")
-        if name != norm and name in _field_types(cls):
-            return f"{section}.{name}"
-    return norm
-
-
-def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `nest_dotted`: ``{"ftg": {"gen_lr": v}}`` -> ``{"ftg.gen_lr": v}``."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in SECTIONS and isinstance(value, dict):
-            out.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            out[key] = value
-    return out
+def _set_section_value(cfg: RunConfig, key: str, value: Any, where: str) -> None:
+    section, _, name = key.partition(".")
+    if section not in cfg.sections:
+        raise UserError(f"{where}{key}: unknown setting")
+    kinds = _field_types(type(cfg.sections[section]))
+    if name not in kinds:
+        raise UserError(f"{where}{key}: unknown setting")
+    setattr(cfg.sections[section], name, coerce(key, kinds[name], value))
 
 
 def apply_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "") -> RunConfig:
-    """Set fields of ``cfg`` from a nested dict (TOML shape); unknown keys are errors."""
-    top = _field_types(RunConfig)
+    """Set settings of ``cfg`` from a dict in TOML shape (sections as tables) or with
+    flat keys in any form `canonical_key` accepts; unknown keys are errors."""
+    top = _core_types()
     for key, value in values.items():
         norm = key.replace("-", "_")
-        if norm in SECTIONS:
+        if norm in cfg.sections:
             if not isinstance(value, dict):
                 raise UserError(f"{where}{norm}: expected a table of settings")
-            section = getattr(cfg, norm)
-            kinds = _field_types(SECTIONS[norm])
             for sub, sub_value in value.items():
-                sub_norm = sub.replace("-", "_")
-                if sub_norm not in kinds:
-                    raise UserError(f"{where}{norm}.{sub}: unknown setting")
-                label = f"{norm}.{sub_norm}"
-                setattr(section, sub_norm, coerce(label, kinds[sub_norm], sub_value))
-        elif norm in top:
-            setattr(cfg, norm, coerce(norm, top[norm], value))
+                _set_section_value(cfg, f"{norm}.{sub.replace('-', '_')}", sub_value, where)
+            continue
+        canon = canonical_key(key)
+        if "." in canon:
+            _set_section_value(cfg, canon, value, where)
+        elif canon in top:
+            setattr(cfg, canon, coerce(canon, top[canon], value))
         else:
             raise UserError(f"{where}{key}: unknown setting")
     return cfg
@@ -371,18 +453,157 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{p}: invalid TOML ({exc})") from None
 
 
+def given_keys(values: dict[str, Any]) -> list[str]:
+    """The canonical names of the settings in ``values`` (TOML shape or flat)."""
+    return list(flatten_sections({k: v for k, v in values.items() if k != "grid"}))
+
+
+def check_given(cfg: RunConfig, keys: list[str]) -> None:
+    """A section setting the user set away from its default while no method of the run
+    reads it is a `UserError` (``--fedprox-mu 0.1 --method fedavg`` is a mistake)."""
+    defaults = RunConfig()
+    for key in keys:
+        if not method_specific(key):
+            continue
+        section, _, name = key.partition(".")
+        value = getattr(cfg.sections[section], name)
+        if value == getattr(defaults.sections[section], name):
+            continue
+        if not any(reads_setting(m, key) for m in cfg.method):
+            raise UserError(
+                f"{key}: set to {value!r}, but no method of this run reads it "
+                f"(method: {','.join(cfg.method)})"
+            )
+
+
 def build_config(
     file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
     """Defaults, then the TOML file, then overrides; validated."""
     cfg = RunConfig()
+    keys: list[str] = []
     if file is not None:
-        apply_overrides(cfg, load_config_file(file), where=f"{file}: ")
+        values = load_config_file(file)
+        apply_overrides(cfg, values, where=f"{file}: ")
+        keys += given_keys(values)
     if overrides:
         apply_overrides(cfg, overrides)
-    return cfg.validate()
+        keys += given_keys(overrides)
+    cfg.validate()
+    check_given(cfg, keys)
+    return cfg
+
+
+def _saved(values: dict[str, Any]) -> RunConfig:
+    """A config from a saved dict, unvalidated: settings it lacks (it was written before
+    they existed) take the value that reproduces the behaviour of that time (``before``),
+    the others their defaults."""
+    cfg = RunConfig()
+    for f, m in core_fields():
+        if m.before is not MISSING:
+            setattr(cfg, f.name, m.before)
+    for s in cfg.sections.values():
+        for f, m in fields(s):
+            if m.before is not MISSING:
+                setattr(s, f.name, m.before)
+    return apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
+
+
+def saved_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a saved config dict, flat (``ftg.gen_lr``), as `config_from_dict`
+    reads them (a setting the dict lacks has its ``before`` value)."""
+    return flatten_sections(_saved(values).to_dict())
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a validated config from `RunConfig.to_dict` output (e.g. a saved config.json)."""
-    return apply_overrides(RunConfig(), values).validate()
+    """Rebuild a validated config from `RunConfig.to_dict` output (e.g. a saved config.json,
+    today's or one written by an older version)."""
+    return _saved(values).validate()
+
+
+def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A hash of the settings that determine a run's numbers, from a saved or current
+    config dict (`RunConfig.to_dict`), besides the settings named in ``ignore``.
+
+    Counted: the shared settings that cannot change on resume (not ``resumable``) and the
+    section settings a method of the run reads. A saved dict is read as `config_from_dict`
+    reads it (a setting it lacks has its ``before`` value), so a run written before a
+    setting existed matches a new run exactly when the new run keeps the old behaviour.
+    """
+    cfg = _saved(values)
+    kept: dict[str, Any] = {}
+    for f, m in core_fields():
+        if not (m.resumable or f.name in ignore):
+            kept[f.name] = getattr(cfg, f.name)
+    for section, s in cfg.sections.items():
+        for f, _ in fields(s):
+            key = f"{section}.{f.name}"
+            if key not in ignore and any(reads_setting(meth, key) for meth in cfg.method):
+                kept[key] = getattr(s, f.name)
+    return _digest(kept)
+
+
+def legacy_fingerprint(values: dict[str, Any]) -> str:
+    """The hash the checkpoints of fedftg before the settings registry carry, kept to
+    recognise them: every setting of the first version counted whatever the methods
+    (``always_hashed``), under its flat name (``legacy_key``), a setting added later only
+    away from its ``before`` value and when a method reads it."""
+    cfg = _saved(values)
+    kept: dict[str, Any] = {}
+    for f, m in core_fields():
+        value = getattr(cfg, f.name)
+        if not (m.resumable or (m.before is not MISSING and value == m.before)):
+            kept[f.name] = value
+    for section, s in cfg.sections.items():
+        for f, m in fields(s):
+            value = getattr(s, f.name)
+            if m.before is not MISSING and value == m.before:
+                continue
+            if not m.always_hashed and not any(
+                reads_setting(meth, f"{section}.{f.name}") for meth in cfg.method
+            ):
+                continue
+            if m.legacy_key:
+                kept[m.legacy_key] = value
+            else:
+                kept.setdefault(section, {})[f.name] = value
+    return _digest(kept)
+
+
+def _digest(kept: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The canonical names of the fingerprinted settings whose values differ between two
+    config dicts (for a message that says what changed)."""
+    ca, cb = _saved(a), _saved(b)
+    flat_a, flat_b = flatten_sections(ca.to_dict()), flatten_sections(cb.to_dict())
+    out = []
+    for key, value in flat_a.items():
+        m = setting_meta(key)
+        if m is None or m.resumable or value == flat_b.get(key):
+            continue
+        if method_specific(key) and not any(
+            reads_setting(meth, key) for meth in {*ca.method, *cb.method}
+        ):
+            continue
+        out.append(key)
+    return out
+
+
+__all__ = [
+    "AUGMENT",
+    "CLIENT_BATCHING",
+    "DATASETS",
+    "PRECISIONS",
+    "RunConfig",
+    "apply_overrides",
+    "build_config",
+    "canonical_key",
+    "check_given",
+    "config_from_dict",
+    "fingerprint",
+    "legacy_fingerprint",
+    "load_config_file",
+]

@@ -11,73 +11,41 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedftg.config import unused_settings
+from fedftg.config import fingerprint, legacy_fingerprint
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write
 
 MAGIC = b"FEDFTGC1"
-# settings that may change between a run and its resume without changing the results
-RESUMABLE_CHANGES = (
-    "out",
-    "device",
-    "eval_batch_size",
-    "eval_ensemble",
-    "checkpoint_every",
-)
-
-# settings added after run directories were first written, with the value that reproduces
-# the earlier behaviour: at that value they are left out of the hash, so a run written
-# before the setting existed still resumes (and a finished one is still skipped by sweeps)
-ADDED_SETTINGS: dict[str, Any] = {
-    "ftg.diversity": "all",
-    "df.diversity": "all",
-    "scaffold_reference": "sent",
-    "scaffold_variate_lr": "round",
-    "ftg.bn_stats": "generated",
-    "df.bn_stats": "generated",
-}
-_MISSING = object()
-
-
-def _without_unused_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Drop settings that no method of the run reads (SCAFFOLD's reference without a
-    plug-in), so that adding them leaves the fingerprints of such runs as they were."""
-    unused = unused_settings(cfg_dict.get("method", []))
-    return {k: v for k, v in cfg_dict.items() if k not in unused}
-
-
-def setting_value(cfg_dict: dict[str, Any], name: str, default: Any) -> Any:
-    """A top-level setting of a saved config; one saved before it existed has its legacy
-    value (`ADDED_SETTINGS`), else ``default``."""
-    return cfg_dict.get(name, ADDED_SETTINGS.get(name, default))
-
-
-def _without_legacy_values(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    out = dict(cfg_dict)
-    for path, legacy in ADDED_SETTINGS.items():
-        section, _, name = path.rpartition(".")
-        table = out.get(section) if section else out
-        if isinstance(table, dict) and table.get(name, _MISSING) == legacy:
-            trimmed = {k: v for k, v in table.items() if k != name}
-            if section:
-                out[section] = trimmed
-            else:
-                out = trimmed
-    return out
 
 
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
-    """A hash of the settings that determine a run's numbers."""
-    used = _without_unused_values(_without_legacy_values(cfg_dict))
-    kept = {k: v for k, v in used.items() if k not in RESUMABLE_CHANGES}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    """The run fingerprint a checkpoint is matched by (`fedftg.config.fingerprint`)."""
+    return fingerprint(cfg_dict)
+
+
+def checkpoint_matches(
+    saved: dict[str, Any], cfg_dict: dict[str, Any], saved_config: dict[str, Any] | None = None
+) -> bool:
+    """Whether checkpoint ``saved`` was written by a run with the settings ``cfg_dict``.
+
+    A checkpoint carries the fingerprint of its run (`fedftg.config.fingerprint`). One from
+    before the settings registry carries the hash of that time (`legacy_fingerprint`),
+    which also counted settings no method read: it is recognised through the run
+    directory's config.json (``saved_config``), when that hashes to it, and compared by
+    today's rule; else by the old hash of ``cfg_dict``.
+    """
+    stored = saved.get("fingerprint")
+    if stored == fingerprint(cfg_dict):
+        return True
+    if saved_config is not None and legacy_fingerprint(saved_config) == stored:
+        return fingerprint(saved_config) == fingerprint(cfg_dict)
+    return legacy_fingerprint(cfg_dict) == stored
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -17,7 +17,12 @@ import torch
 import fedftg
 from fedftg.config import RunConfig
 from fedftg.data.partition import partition_stats
-from fedftg.engine.checkpoint import config_fingerprint, load_latest, save_checkpoint
+from fedftg.engine.checkpoint import (
+    checkpoint_matches,
+    config_fingerprint,
+    load_latest,
+    save_checkpoint,
+)
 from fedftg.engine.simulation import MethodRunner, Setup, denormalise, output_paths, prepare
 from fedftg.errors import UserError
 from fedftg.report.files import MetricsLog, atomic_write, read_metrics, write_json
@@ -124,7 +129,9 @@ def run_experiment(
         saved, warnings = load_latest(ckpt_path)
         for w in warnings:
             sys.stderr.write(f"warning: {w}\n")
-        if saved is not None and saved["fingerprint"] != fingerprint:
+        if saved is not None and not checkpoint_matches(
+            saved, cfg.to_dict(), _saved_config(paths["config"])
+        ):
             if resume:
                 raise UserError(
                     f"{ckpt_path}: checkpoint was written by a run with other settings; "
@@ -180,7 +187,7 @@ def run_experiment(
                     )
             bar.close()
             summary["methods"][display] = runner.summary()
-            if hasattr(runner.plugin, "sample_images"):
+            if runner.has_samples:
                 _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png")
                 if not sample_written:
                     _write_samples(runner, setup, paths["samples"])
@@ -199,6 +206,14 @@ def run_experiment(
             stream.write(line + "\n")
         stream.write(f"results in {paths['dir']}\n")
     return summary
+
+
+def _saved_config(path: Path) -> dict[str, Any] | None:
+    """The settings recorded in a run directory's config.json (None if unreadable)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def save_run_checkpoint(

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg import registry
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays, eval_batches
 from fedftg.data.partition import Partition, make_partition
@@ -29,32 +30,16 @@ from fedftg.methods.client import (
     LocalContext,
     LocalResult,
     LocalSpec,
-    build_method,
+    Term,
     detached_state,
     train_local,
 )
 from fedftg.methods.ftg import class_weights
+from fedftg.methods.plugin import ClientHalf, PluginEnv, ServerPlugin
 from fedftg.methods.vectorised import train_local_vmap
 from fedftg.models import build_model
-from fedftg.models.stacked import ReloadingModels, StackedModels, Teachers
+from fedftg.models.stacked import StackedModels, Teachers
 from fedftg.seeding import derive_seed, numpy_rng, torch_rng
-
-
-class ServerPlugin(Protocol):
-    """A server step run after aggregation (FedFTG, FedDF)."""
-
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Teachers,
-        counts: np.ndarray,
-        round_idx: int,
-        generator: torch.Generator,
-    ) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -213,42 +198,41 @@ def label_histogram(
 
 
 def client_method(cfg: RunConfig, base: str) -> ClientMethod:
-    """The configured client method ``base``."""
-    return build_method(
-        base,
-        prox_mu=cfg.prox_mu,
-        scaffold_server_lr=cfg.scaffold_server_lr,
-        scaffold_reference=cfg.scaffold_reference,
-        scaffold_variate_lr=cfg.lr if cfg.scaffold_variate_lr == "initial" else None,
-        feddyn_alpha=cfg.feddyn_alpha,
-        moon_mu=cfg.moon_mu,
-        moon_tau=cfg.moon_tau,
-    )
+    """The configured client method ``base`` (from `fedftg.registry`)."""
+    spec = registry.method(base)
+    return spec.build(cfg.sections.get(base) if spec.settings else None, cfg)
 
 
-def server_plugin(cfg: RunConfig, name: str | None, ds: Dataset, device: torch.device):
-    """The configured server plug-in ``name`` (None for plain aggregation)."""
-    if name is None:
-        return None
-    if name == "ftg":
-        from fedftg.methods.ftg import FTGServer as server_cls
-
-        plugin_cfg = cfg.ftg
-    elif name == "df":
-        from fedftg.methods.feddf import FedDFServer as server_cls
-
-        plugin_cfg = cfg.df
-    else:
-        raise ValueError(f"unknown server plug-in {name!r}")
-    return server_cls(
-        plugin_cfg,
-        ds.num_classes,
-        ds.channels,
-        ds.image_size,
+def plugin_env(cfg: RunConfig, ds: Dataset, device: torch.device) -> PluginEnv:
+    """What a plug-in of this run is built from besides its settings."""
+    return PluginEnv(
+        num_classes=ds.num_classes,
+        channels=ds.channels,
+        image_size=ds.image_size,
         device=device,
         seed=cfg.seed,
         precision=cfg.precision,
+        model=cfg.model,
     )
+
+
+def server_plugin(
+    cfg: RunConfig, name: str | None, ds: Dataset, device: torch.device
+) -> ServerPlugin | None:
+    """The server side of the configured plug-in ``name`` (None for plain aggregation)."""
+    if name is None:
+        return None
+    return registry.plugin(name).server(cfg.sections[name], plugin_env(cfg, ds, device))
+
+
+def client_half(
+    cfg: RunConfig, name: str | None, ds: Dataset, device: torch.device
+) -> ClientHalf | None:
+    """The client half of plug-in ``name``, if it has one (see `fedftg.methods.plugin`)."""
+    if name is None or registry.plugin(name).client is None:
+        return None
+    factory = registry.plugin(name).client
+    return factory(cfg.sections[name], plugin_env(cfg, ds, device))
 
 
 def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
@@ -294,6 +278,7 @@ class ServerRunner:
         self.method = client_method(cfg, base)
         self.plugin_name = plugin
         self.plugin = server_plugin(cfg, plugin, ds, device)
+        self.client_half = client_half(cfg, plugin, ds, device)
         self.model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
         self.model.load_state_dict(init_state)
         self.model.to(device)
@@ -350,20 +335,26 @@ class ServerRunner:
         return record
 
     def _teacher_models(self, results: list[LocalResult]) -> Teachers:
-        """The round's client models as a teacher set for the plug-in.
-
-        Fast: one stacked copy of the K states; each result's state then becomes views into
-        it, so the server holds the clients' weights once. Reference: the authors' loop
-        structure, one module reloaded with a client's state before every forward.
-        """
-        plugin_cfg = self.plugin.cfg
-        states = [r.state for r in results]
-        if plugin_cfg.impl == "reference":
-            return ReloadingModels(self.model, states)
-        stacked = StackedModels(self.model, states)
+        """The round's client models as a teacher set for the plug-in: one stacked copy of
+        the K states; each result's state then becomes views into it, so the server holds
+        the clients' weights once. (A plug-in may run its own loop structure over them,
+        e.g. FedFTG's reference path.)"""
+        stacked = StackedModels(self.model, [r.state for r in results])
         for j, r in enumerate(results):
             r.state = stacked.state(j)
         return stacked
+
+    def client_payload(self) -> dict[str, torch.Tensor]:
+        """What this round's clients receive from the plug-in's server side (its client
+        half's input; empty without one)."""
+        if self.client_half is None:
+            return {}
+        return self.plugin.client_payload(self.state.round)  # type: ignore[union-attr]
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether the plug-in declares generated sample images."""
+        return registry.plugin_with_samples(self.plugin_name)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue this method after its last completed round."""
@@ -429,7 +420,9 @@ class MethodRunner(ServerRunner):
         start = time.perf_counter()
         selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
         spec = local_spec(cfg, setup.dataset, t)
+        payload = self.client_payload()
         ctxs, idxs, gens, histograms = [], [], [], []
+        extras: list[Term | None] = []
         for k in map(int, selected):
             if k not in st.client_states:
                 st.client_states[k] = self.method.init_client_state(self.model)
@@ -444,24 +437,39 @@ class MethodRunner(ServerRunner):
             idx = setup.client_indices[k]
             idxs.append(idx)
             gens.append(torch_rng(cfg.seed, "local", t, k, device=setup.device))
+            labels = setup.train.y[idx]
             histograms.append(
                 label_histogram(
-                    setup.train.y[idx],
-                    setup.dataset.num_classes,
-                    cfg.histogram_epsilon,
-                    cfg.seed,
-                    k,
+                    labels, setup.dataset.num_classes, cfg.histogram_epsilon, cfg.seed, k
                 )
             )
+            extras.append(self._client_term(payload, labels, t, k, spec))
         results: list[LocalResult]
         if self._vectorise_clients():
-            results = train_local_vmap(self.model, setup.train, idxs, self.method, ctxs, spec, gens)
+            results = train_local_vmap(
+                self.model, setup.train, idxs, self.method, ctxs, spec, gens, extras
+            )
         else:  # the reference: one client after another
             results = [
-                train_local(self.model, setup.train, idx, self.method, ctx, spec, gen)
-                for idx, ctx, gen in zip(idxs, ctxs, gens, strict=True)
+                train_local(self.model, setup.train, idx, self.method, ctx, spec, gen, extra)
+                for idx, ctx, gen, extra in zip(idxs, ctxs, gens, extras, strict=True)
             ]
         return results, histograms, start
+
+    def _client_term(
+        self,
+        payload: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        round_idx: int,
+        client: int,
+        spec: LocalSpec,
+    ) -> Term | None:
+        """Client ``client``'s term from the plug-in's client half (None without one)."""
+        if self.client_half is None:
+            return None
+        exact = label_histogram(labels, self.setup.dataset.num_classes)
+        rng = torch_rng(self.cfg.seed, "plugin-local", round_idx, client, device=self.device)
+        return self.client_half.term(self.model, payload, exact, round_idx, spec, rng)
 
     def _vectorise_clients(self) -> bool:
         """Whether the round's clients train together (`train_local_vmap`) or in turn.

@@ -14,12 +14,18 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedftg.config import RunConfig, apply_overrides, flatten_sections, nest_dotted, section_key
-from fedftg.engine.checkpoint import config_fingerprint
+from fedftg.config import (
+    RunConfig,
+    apply_overrides,
+    canonical_key,
+    check_given,
+    fingerprint,
+    flatten_sections,
+    nest_dotted,
+)
 from fedftg.errors import UserError
 
 
@@ -28,7 +34,7 @@ def parse_grid(items: list[str] | dict[str, Any]) -> dict[str, list[Any]]:
     sub-tables) -> ordered {setting: values}; section settings keyed ``ftg.gen_lr``."""
     if isinstance(items, dict):
         return {
-            section_key(k): v if isinstance(v, list) else [v]
+            canonical_key(k): v if isinstance(v, list) else [v]
             for k, v in flatten_sections(items).items()
         }
     grid: dict[str, list[Any]] = {}
@@ -36,7 +42,7 @@ def parse_grid(items: list[str] | dict[str, Any]) -> dict[str, list[Any]]:
         key, eq, values = item.partition("=")
         if not eq or not key.strip() or not values.strip():
             raise UserError(f"grid: expected FIELD=V1,V2,... got {item!r}")
-        grid[section_key(key)] = [v.strip() for v in values.split(",") if v.strip()]
+        grid[canonical_key(key)] = [v.strip() for v in values.split(",") if v.strip()]
     return grid
 
 
@@ -48,10 +54,11 @@ def grid_points(base: RunConfig, grid: dict[str, list[Any]]) -> list[tuple[str, 
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         name = ",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "run"
-        cfg = replace(base, ftg=replace(base.ftg), df=replace(base.df))
+        cfg = base.copy()
         apply_overrides(cfg, nest_dotted(dict(zip(keys, combo, strict=True))), where="grid: ")
         cfg.out = str(Path(base.out) / name)
-        points.append((name, cfg.validate()))
+        check_given(cfg.validate(), keys)
+        points.append((name, cfg))
     return points
 
 
@@ -62,7 +69,7 @@ def is_complete(cfg: RunConfig) -> bool:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    same = config_fingerprint(saved.get("config", {})) == config_fingerprint(cfg.to_dict())
+    same = fingerprint(saved.get("config", {})) == fingerprint(cfg.to_dict())
     done = all(saved.get("methods", {}).get(m, {}).get("rounds") == cfg.rounds for m in cfg.method)
     return same and done
 

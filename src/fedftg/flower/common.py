@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedftg.config import RunConfig, apply_overrides, config_from_dict
+from fedftg.config import RunConfig, apply_overrides, check_given, config_from_dict, given_keys
 
 CLIENT_STATE_KEY = "fedftg-client-state"
 
@@ -25,23 +25,14 @@ CLIENT_STATE_KEY = "fedftg-client-state"
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     """Map Flower's flat run config onto the validated `RunConfig`.
 
-    Keys may use dashes or underscores; server plug-in settings are ``ftg-<name>`` /
-    ``ftg.<name>`` (and ``df-`` / ``df.``), as the CLI's ``--ftg-<name>`` flags.
+    Keys are the CLI's flag names with dashes or underscores (``local-epochs``,
+    ``ftg-gen-lr``, ``fedprox-mu``, also the older ``prox-mu``) or dotted TOML paths
+    (``ftg.gen_lr``); a method's setting given for a run without that method is an error,
+    as on the command line.
     """
-    nested: dict[str, Any] = {}
-    for key, value in run_config.items():
-        norm = key.replace("-", "_")
-        for section in ("ftg", "df"):
-            for sep in (".", "_"):
-                if norm.startswith(section + sep):
-                    nested.setdefault(section, {})[norm[len(section) + 1 :]] = value
-                    break
-            else:
-                continue
-            break
-        else:
-            nested[norm] = value
-    return apply_overrides(RunConfig(), nested, where="run config: ").validate()
+    cfg = apply_overrides(RunConfig(), run_config, where="run config: ").validate()
+    check_given(cfg, given_keys(run_config))
+    return cfg
 
 
 def config_to_json(cfg: RunConfig) -> str:

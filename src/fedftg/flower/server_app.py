@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.checkpoint import config_fingerprint, load_latest
+from fedftg.engine.checkpoint import checkpoint_matches, config_fingerprint, load_latest
 from fedftg.engine.run import (
     environment,
     format_table,
@@ -127,7 +127,7 @@ def run_federation(
         saved, warnings = load_latest(ckpt_path)
         for w in warnings:
             log.warning(w)
-        if saved is not None and saved["fingerprint"] != fingerprint:
+        if saved is not None and not checkpoint_matches(saved, cfg.to_dict()):
             raise UserError(f"{ckpt_path}: checkpoint was written by a run with other settings")
     done: dict[str, Any] = dict(saved["done"]) if saved else {}
     trim_metrics(paths["metrics"], saved)

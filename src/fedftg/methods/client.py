@@ -1,10 +1,11 @@
-"""Client methods: one local-training loop, with a per-method objective term and state.
+"""The one local-training loop every client method shares, and the method base class.
 
-FedAvg, FedProx, SCAFFOLD, FedDyn and MOON differ only in (a) a term added to the local
-loss, (b) per-client / server state updated around local training, and (c) the server's
-aggregation rule. Each method is a small class with those hooks; `train_local` is the one
-loop they all share. Method state is plain dicts of tensors (checkpointable, and sendable
-over Flower).
+FedAvg, FedProx, SCAFFOLD, FedDyn, MOON and the rest differ only in (a) a term added to the
+local loss, (b) per-client / server state updated around local training, and (c) the
+server's aggregation rule. Each method is a `ClientMethod` subclass in a module of its own
+(``fedftg/methods/<name>.py``, found through `fedftg.registry`); `train_local` is the loop
+they all share, and a server plug-in's client half adds its own `Term` beside the method's.
+Method state is plain dicts of tensors (checkpointable, and sendable over Flower).
 """
 
 from __future__ import annotations
@@ -24,32 +25,96 @@ from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 
 Tensors = dict[str, torch.Tensor]
-# fn(params, client, shared, features, logits, x) -> extra loss term
-TermFn = Callable[
-    [Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]
+# fn(params, client, shared, features, logits, batch) -> extra loss term; batch holds the
+# step's inputs "x" (as the model sees them, augmented) and "y", and what `Term.prepare` adds
+TermFn = Callable[[Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor, Tensors], torch.Tensor]
 
 
 @dataclass
 class Term:
-    """A method's extra loss term, with its inputs passed explicitly.
+    """An extra loss term, with its inputs passed explicitly.
 
-    ``fn(params, client, shared, feats, logits, x)`` is a pure function of the trained
+    ``fn(params, client, shared, feats, logits, batch)`` is a pure function of the trained
     parameters (``params``, by name), this client's tensors (``client``: anchors,
-    corrections, its previous model) and the tensors common to every client of the round
-    (``shared``: the global model). Nothing per-client is captured in ``fn``, so one
-    definition serves the sequential loop (``term(params, ...)``) and the vectorised path,
-    which stacks ``client`` over clients and vmaps ``fn`` over it.
+    corrections, its previous model), the tensors common to every client of the round
+    (``shared``: the global model) and the step's inputs (``batch``). ``prepare(x, y)``, if
+    given, computes further per-step inputs outside autograd (e.g. samples of a frozen
+    generator, drawn from the term's own random stream); they join ``batch``. Nothing
+    per-client is captured in ``fn``, so one definition serves the sequential loop and the
+    vectorised path, which stacks ``client`` and the prepared inputs over clients and
+    vmaps ``fn``.
     """
 
     fn: TermFn
     client: Tensors = field(default_factory=dict)
     shared: Tensors = field(default_factory=dict)
+    prepare: Callable[[torch.Tensor, torch.Tensor], Tensors] | None = None
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> Tensors:
+        """The per-step ``batch`` of ``fn``: x, y and what ``prepare`` adds."""
+        extra = self.prepare(x, y) if self.prepare is not None else {}
+        return {"x": x, "y": y, **extra}
 
     def __call__(
-        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, x: torch.Tensor
+        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
     ) -> torch.Tensor:
-        return self.fn(params, self.client, self.shared, feats, logits, x)
+        return self.fn(params, self.client, self.shared, feats, logits, batch)
+
+
+@dataclass(frozen=True)
+class _SumOfTerms:
+    """The term function of `combine_terms`: the parts' functions on their own inputs."""
+
+    fns: tuple[TermFn, ...]
+
+    def __call__(
+        self,
+        params: Tensors,
+        client: Tensors,
+        shared: Tensors,
+        feats: torch.Tensor,
+        logits: torch.Tensor,
+        batch: Tensors,
+    ) -> torch.Tensor:
+        total: torch.Tensor | float = 0.0
+        for i, fn in enumerate(self.fns):
+            prefix = f"{i}."
+            own = {"x": batch["x"], "y": batch["y"], **_part(batch, prefix)}
+            total = total + fn(
+                params, _part(client, prefix), _part(shared, prefix), feats, logits, own
+            )
+        return total  # type: ignore[return-value]
+
+
+def _part(tensors: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _prefixed(dicts: Sequence[Tensors]) -> Tensors:
+    return {f"{i}.{k}": v for i, d in enumerate(dicts) for k, v in d.items()}
+
+
+def combine_terms(*terms: Term | None) -> Term | None:
+    """One term that is the sum of ``terms`` (None entries skipped; None if all are).
+
+    The parts keep their own inputs, under ``<i>.`` prefixes, so the sum is again a pure
+    function of explicit inputs: a client method's term and a plug-in's client half compose
+    in both local-training paths.
+    """
+    present = [t for t in terms if t is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    preparers = [(i, t.prepare) for i, t in enumerate(present) if t.prepare is not None]
+
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+        return {f"{i}.{k}": v for i, p in preparers for k, v in p(x, y).items()}
+
+    return Term(
+        _SumOfTerms(tuple(t.fn for t in present)),
+        client=_prefixed([t.client for t in present]),
+        shared=_prefixed([t.shared for t in present]),
+        prepare=prepare if preparers else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +163,8 @@ def detached_state(model: nn.Module) -> State:
 
 
 class ClientMethod:
-    """FedAvg: no extra term, no state, sample-weighted average of full states."""
+    """The base of every client method, and FedAvg itself: no extra term, no state,
+    sample-weighted average of the clients' full states."""
 
     name = "fedavg"
 
@@ -136,249 +202,14 @@ class ClientMethod:
         pre-step model keeps it here. Default: the state follows the model sent."""
 
 
-class FedProx(ClientMethod):
-    """FedProx (Li et al. 2020): proximal term mu/2 * ||w - w_global||^2."""
-
-    name = "fedprox"
-
-    def __init__(self, mu: float) -> None:
-        self.mu = mu
-
-    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        return Term(self._term, shared={n: ctx.global_state[n] for n in param_names(model)})
-
-    def _term(
-        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
-    ) -> torch.Tensor:
-        return 0.5 * self.mu * _sq_dist(params, shared)
-
-
-class _ParameterStateMethod(ClientMethod):
+class ParameterStateMethod(ClientMethod):
     """A method whose server and client states are one zero-initialised tensor per parameter."""
 
     def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
+        return zeros_like_params(model)
 
     def init_client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _zeros_like_params(model)
-
-
-class Scaffold(_ParameterStateMethod):
-    """SCAFFOLD (Karimireddy et al. 2020), option II control variates.
-
-    The gradient correction (c - c_k) is applied as the linear term <w, c - c_k>, whose
-    gradient is exactly that correction. After local training
-    c_k <- c_k - c + (w_ref - w_k) / (steps * lr), lr being the round's (decayed) learning
-    rate, or ``variate_lr`` when given (the authors divide by the undecayed lr0); the server moves
-    w <- w_ref + server_lr * (avg(w_k) - w_ref) and c <- c + (1/N) * sum of the changes.
-    w_ref is the model the clients started from, unless a server plug-in changed the
-    aggregate before sending it: then, with ``reference="aggregate"`` (the authors'
-    SCAFFOLD+FTG), w_ref is the aggregate before the plug-in's step, kept in the server
-    state under ``ref.<name>`` so that it reaches the clients with c; with
-    ``reference="sent"`` it is the model sent.
-    """
-
-    name = "scaffold"
-
-    def __init__(
-        self,
-        server_lr: float = 1.0,
-        reference: str = "aggregate",
-        variate_lr: float | None = None,
-    ) -> None:
-        if reference not in SCAFFOLD_REFERENCES:
-            raise ValueError(f"unknown SCAFFOLD reference {reference!r}")
-        if variate_lr is not None and not variate_lr > 0:
-            raise ValueError(f"SCAFFOLD's variate_lr must be > 0, got {variate_lr!r}")
-        self.server_lr = server_lr
-        self.reference = reference
-        self.variate_lr = variate_lr
-
-    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
-        return Term(self._term, client=correction)
-
-    def _term(
-        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
-    ) -> torch.Tensor:
-        return _dot(params, client)
-
-    def finish(
-        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
-    ) -> dict[str, torch.Tensor]:
-        delta = {}
-        scale = 1.0 / (max(steps, 1) * (lr if self.variate_lr is None else self.variate_lr))
-        for n, p in model.named_parameters():
-            ref = _reference(n, ctx.server_state, ctx.global_state)
-            new_ck = ctx.client_state[n] - ctx.server_state[n]
-            new_ck = new_ck + (ref - p.detach()) * scale
-            delta[n] = new_ck - ctx.client_state[n]
-            ctx.client_state[n] = new_ck
-        return {"delta_c." + n: d for n, d in delta.items()}
-
-    def aggregate(
-        self,
-        global_state: State,
-        results: Sequence[LocalResult],
-        server_state: dict[str, torch.Tensor],
-        num_clients: int,
-    ) -> State:
-        avg = super().aggregate(global_state, results, server_state, num_clients)
-        for n in _variate_names(server_state):
-            ref = _reference(n, server_state, global_state)
-            avg[n] = ref + self.server_lr * (avg[n] - ref)
-            total = sum(r.upload["delta_c." + n] for r in results)
-            server_state[n] = server_state[n] + total / num_clients
-        return avg
-
-    def note_server_step(self, aggregate: State, server_state: dict[str, torch.Tensor]) -> None:
-        if self.reference == "aggregate":
-            for n in _variate_names(server_state):
-                server_state[REF_PREFIX + n] = aggregate[n].detach().clone()
-
-
-SCAFFOLD_REFERENCES = ("aggregate", "sent")
-# what c_k's update divides the local progress by: the round's decayed learning rate, or the
-# initial one (the authors' code)
-SCAFFOLD_VARIATE_LRS = ("round", "initial")
-REF_PREFIX = "ref."
-
-
-def _variate_names(server_state: dict[str, torch.Tensor]) -> list[str]:
-    """The control variate entries of a SCAFFOLD server state (not the kept references)."""
-    return [n for n in server_state if not n.startswith(REF_PREFIX)]
-
-
-def _reference(name: str, server_state: dict[str, torch.Tensor], sent: State) -> torch.Tensor:
-    """SCAFFOLD's w_ref for one parameter: the kept pre-plug-in aggregate, else the sent model."""
-    kept = server_state.get(REF_PREFIX + name)
-    return sent[name] if kept is None else kept
-
-
-class FedDyn(_ParameterStateMethod):
-    """FedDyn (Acar et al. 2021): dynamic regulariser.
-
-    Local objective: CE(w) - <g_k, w> + alpha/2 ||w - w_global||^2, with g_k (the client's
-    previous local gradient, zero at first) updated as g_k <- g_k - alpha (w_k - w_global).
-    Server: h <- h - alpha/N * sum_k (w_k - w_global) and w = avg_k(w_k) - h/alpha over the
-    parameters (BatchNorm buffers are plainly averaged).
-    """
-
-    name = "feddyn"
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = alpha
-
-    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        names = param_names(model)
-        return Term(
-            self._term,
-            client={n: ctx.client_state[n] for n in names},
-            shared={n: ctx.global_state[n] for n in names},
-        )
-
-    def _term(
-        self, params: Tensors, client: Tensors, shared: Tensors, *_: torch.Tensor
-    ) -> torch.Tensor:
-        return -_dot(params, client) + 0.5 * self.alpha * _sq_dist(params, shared)
-
-    def finish(
-        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
-    ) -> dict[str, torch.Tensor]:
-        for n, p in model.named_parameters():
-            ctx.client_state[n] = ctx.client_state[n] - self.alpha * (
-                p.detach() - ctx.global_state[n]
-            )
-        return {}
-
-    def aggregate(
-        self,
-        global_state: State,
-        results: Sequence[LocalResult],
-        server_state: dict[str, torch.Tensor],
-        num_clients: int,
-    ) -> State:
-        avg = super().aggregate(global_state, results, server_state, num_clients)
-        for n in server_state:
-            drift = sum(r.state[n] - global_state[n] for r in results)
-            server_state[n] = server_state[n] - self.alpha / num_clients * drift
-            avg[n] = avg[n] - server_state[n] / self.alpha
-        return avg
-
-
-class Moon(ClientMethod):
-    """MOON (Li et al. 2021): model-contrastive term on the representation.
-
-    mu * -log(exp(sim(z, z_glob)/tau) / (exp(sim(z, z_glob)/tau) + exp(sim(z, z_prev)/tau)))
-    with cosine similarity; the positive is the global model's representation, the
-    negative the client's previous local model's (the global model on its first round).
-    """
-
-    name = "moon"
-
-    def __init__(self, mu: float, tau: float) -> None:
-        self.mu = mu
-        self.tau = tau
-
-    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
-        net = functional_template(model, train=False)
-
-        def term(
-            params: Tensors,
-            client: Tensors,
-            shared: Tensors,
-            feats: torch.Tensor,
-            logits: torch.Tensor,
-            x: torch.Tensor,
-        ) -> torch.Tensor:
-            with torch.no_grad():  # both representations are fixed targets (eval mode)
-                z_glob = call_model(net, shared, x)[0]
-                z_prev = call_model(net, client, x)[0]
-            return self.mu * moon_contrastive(feats, z_glob, z_prev, self.tau)
-
-        prev = dict(ctx.client_state or ctx.global_state)
-        return Term(term, client=prev, shared=dict(ctx.global_state))
-
-    def finish(
-        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
-    ) -> dict[str, torch.Tensor]:
-        ctx.client_state.clear()
-        ctx.client_state.update(detached_state(model))
-        return {}
-
-
-def moon_contrastive(
-    z: torch.Tensor, z_pos: torch.Tensor, z_neg: torch.Tensor, tau: float
-) -> torch.Tensor:
-    """MOON's contrastive loss (mean over the batch) with cosine similarity / tau."""
-    pos = F.cosine_similarity(z, z_pos, dim=-1) / tau
-    neg = F.cosine_similarity(z, z_neg, dim=-1) / tau
-    return -(pos - torch.logaddexp(pos, neg)).mean()
-
-
-def build_method(
-    name: str,
-    *,
-    prox_mu: float = 0.01,
-    scaffold_server_lr: float = 1.0,
-    scaffold_reference: str = "aggregate",
-    scaffold_variate_lr: float | None = None,
-    feddyn_alpha: float = 0.01,
-    moon_mu: float = 1.0,
-    moon_tau: float = 0.5,
-) -> ClientMethod:
-    """The client method called ``name`` with its hyper-parameters."""
-    if name == "fedavg":
-        return ClientMethod()
-    if name == "fedprox":
-        return FedProx(prox_mu)
-    if name == "scaffold":
-        return Scaffold(scaffold_server_lr, scaffold_reference, scaffold_variate_lr)
-    if name == "feddyn":
-        return FedDyn(feddyn_alpha)
-    if name == "moon":
-        return Moon(moon_mu, moon_tau)
-    raise ValueError(f"unknown client method {name!r}")
+        return zeros_like_params(model)
 
 
 def local_batches(
@@ -398,16 +229,17 @@ def train_local(
     ctx: LocalContext,
     spec: LocalSpec,
     gen: torch.Generator,
+    extra: Term | None = None,
 ) -> LocalResult:
     """Train ``model`` from the global state on the client's ``indices``; the one loop.
 
-    Loss = mean cross-entropy + the method's term (under bf16 autocast when
-    ``spec.precision`` says so); SGD with weight decay and momentum, gradient-norm clipping
-    at ``spec.clip`` (0 = off). The reference for `train_local_vmap`.
+    Loss = mean cross-entropy + the method's term + ``extra`` (a plug-in's client half), under
+    bf16 autocast when ``spec.precision`` says so; SGD with weight decay and momentum,
+    gradient-norm clipping at ``spec.clip`` (0 = off). The reference for `train_local_vmap`.
     """
     model.load_state_dict(ctx.global_state)
     model.train()
-    term = method.begin(model, ctx)
+    term = combine_terms(method.begin(model, ctx), extra)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
@@ -417,12 +249,13 @@ def train_local(
         x, y = data.batch(idx)
         if spec.augment:
             x = augment(x, gen)
+        batch = term.inputs(x, y) if term is not None else None
         with autocast(x.device, spec.precision):
             feats = model.features(x)
             logits = model.classifier(feats)
             loss = F.cross_entropy(logits, y)
             if term is not None:
-                loss = loss + term(params, feats, logits, x)
+                loss = loss + term(params, feats, logits, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip > 0:
@@ -480,13 +313,16 @@ def call_model(
     return functional_call(template, {"net." + k: v for k, v in state.items()}, (x,))
 
 
-def _zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
+def zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """One zero tensor per parameter of ``model`` (a method's initial state)."""
     return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
 
 
-def _dot(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
+def dot(params: Tensors, other: Tensors) -> torch.Tensor:
+    """sum over ``other``'s names of <params[n], other[n]>."""
     return sum((params[n] * other[n]).sum() for n in other)  # type: ignore[return-value]
 
 
-def _sq_dist(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> torch.Tensor:
+def sq_dist(params: Tensors, anchors: Tensors) -> torch.Tensor:
+    """||params - anchors||^2 over ``anchors``' names."""
     return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]

@@ -15,22 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import DistillConfig, FTGServer, _check, sample_labels
+from fedftg.methods.ftg import DistillConfig, FTGServer, _distill_field, sample_labels
 from fedftg.models.stacked import Teachers
 from fedftg.precision import upcast
+from fedftg.registry import PluginSpec
+from fedftg.settings import POSITIVE_INT
 
 
 @dataclass
 class FedDFConfig(DistillConfig):
     """FedDF baseline settings (step counts as in the FedFTG authors' baseline)."""
 
-    gen_steps: int = 50
-    student_steps: int = 20
-
-    def validate(self) -> FedDFConfig:
-        super().validate()
-        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 1, ">= 1")
-        return self
+    gen_steps: int = _distill_field(50, "generator steps per round", check=POSITIVE_INT)
+    student_steps: int = _distill_field(20, "student KL steps per round", check=POSITIVE_INT)
 
 
 def kl_distill_loss(
@@ -110,3 +107,22 @@ class FedDFServer(FTGServer):
             self.cfg.batch_size, self.cfg.nz, generator=generator, device=generator.device
         )
         return z.to(self.device), y.to(self.device)
+
+
+PLUGIN = PluginSpec(
+    name="df",
+    summary="FedDF-style data-free ensemble distillation, as the FedFTG authors' baseline",
+    settings=FedDFConfig,
+    server=lambda s, env: FedDFServer(
+        s,
+        env.num_classes,
+        env.channels,
+        env.image_size,
+        device=env.device,
+        seed=env.seed,
+        precision=env.precision,
+    ),
+    alias="feddf",
+    samples=True,
+    order=20,
+)

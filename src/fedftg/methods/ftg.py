@@ -18,11 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.errors import UserError
 from fedftg.models.generator import ConditionalGenerator
 from fedftg.models.stacked import Teachers, as_teachers
 from fedftg.precision import autocast, upcast
+from fedftg.registry import PluginSpec
 from fedftg.seeding import derive_seed
+from fedftg.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Check,
+    Settings,
+    at_least,
+    setting,
+)
 
 # ----------------------------------------------------------------------- pure maths
 
@@ -185,80 +194,84 @@ def kept_buffers(model: nn.Module, keep: bool) -> Iterator[None]:
                 b.copy_(v)
 
 
+def _distill_field(default, help_text, **meta):
+    """A setting of the data-free server steps; they existed in the first run directories,
+    so they are fingerprinted whatever the run's methods (`fedftg.settings`)."""
+    return setting(default, help_text, always_hashed=True, **meta)
+
+
 @dataclass
-class DistillConfig:
+class DistillConfig(Settings):
     """Settings shared by the data-free server steps (FedFTG and FedDF)."""
 
-    gen_steps: int = 1
-    student_steps: int = 5
-    batch_size: int = 50
-    nz: int = 100
-    ngf: int = 64
-    gen_lr: float = 0.01
-    student_lr: float = 0.1
-    lr_decay: float = 0.998
-    student_weight_decay: float = 1e-3
-    lambda_dis: float = 1.0
-    temperature: float = 1.0
-    diversity: str = "all"
-    impl: str = "fast"
-    bn_stats: str = "generated"
-
-    def validate(self) -> DistillConfig:
-        _one_of("impl", self.impl, ("fast", "reference"))
-        _one_of("bn_stats", self.bn_stats, ("generated", "aggregate"))
-        _one_of("diversity", self.diversity, ("all", "same_label"))
-        for name in ("student_steps", "nz", "ngf"):
-            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
-        _check("gen_steps", self.gen_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
-        _check(
-            "batch_size",
-            self.batch_size,
-            lambda v: isinstance(v, int) and v >= 2,
-            ">= 2 (BatchNorm)",
-        )
-        for name in ("gen_lr", "lr_decay", "temperature"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v > 0, "> 0")
-        # student_lr 0 freezes the student's weights: the step then only re-estimates its
-        # BatchNorm statistics on generated samples, a control for how much of a gain is that
-        for name in ("student_lr", "student_weight_decay", "lambda_dis"):
-            _check(name, getattr(self, name), lambda v: np.isfinite(v) and v >= 0, ">= 0")
-        return self
+    gen_steps: int = _distill_field(
+        1,
+        "generator steps I_g per iteration (one Adam step per client each)",
+        check=at_least(0, integer=True),
+    )
+    student_steps: int = _distill_field(5, "student steps I_d per iteration", check=POSITIVE_INT)
+    batch_size: int = _distill_field(
+        50,
+        "synthetic batch B",
+        check=Check(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (BatchNorm)"),
+    )
+    nz: int = _distill_field(100, "generator noise size", check=POSITIVE_INT)
+    ngf: int = _distill_field(64, "generator width", check=POSITIVE_INT)
+    gen_lr: float = _distill_field(0.01, "generator Adam learning rate", check=POSITIVE)
+    student_lr: float = _distill_field(
+        0.1,
+        "student SGD learning rate (0: keep the weights, only re-estimate BatchNorm "
+        "statistics on generated samples, a control)",
+        check=NON_NEGATIVE,
+    )
+    lr_decay: float = _distill_field(
+        0.998, "per-round decay of both learning rates", check=POSITIVE
+    )
+    student_weight_decay: float = _distill_field(1e-3, "student weight decay", check=NON_NEGATIVE)
+    lambda_dis: float = _distill_field(1.0, "diversity weight", check=NON_NEGATIVE)
+    temperature: float = _distill_field(1.0, "distillation temperature", check=POSITIVE)
+    diversity: str = _distill_field(
+        "all",
+        "pairs the diversity term counts: all B x B (authors) or same_label",
+        choices=("all", "same_label"),
+        before="all",
+    )
+    impl: str = _distill_field(
+        "fast",
+        "fast, or reference: the authors' loop structure (same results, slower)",
+        choices=("fast", "reference"),
+    )
+    bn_stats: str = _distill_field(
+        "generated",
+        "the student's BatchNorm statistics after the step: generated "
+        "(re-estimated on generated samples, authors) or aggregate (those it came with)",
+        choices=("generated", "aggregate"),
+        before="generated",
+    )
 
 
 @dataclass
 class FTGConfig(DistillConfig):
     """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
 
-    iterations: int = 10
-    lambda_cls: float = 1.0
-    md_distance: str = "l1"
-    label_sampling: str = "customized"
-    ensemble: str = "class"
-    hard_mining: bool = True
-
-    def validate(self) -> FTGConfig:
-        super().validate()
-        _check("iterations", self.iterations, lambda v: isinstance(v, int) and v >= 1, ">= 1")
-        _check("lambda_cls", self.lambda_cls, lambda v: np.isfinite(v) and v >= 0, ">= 0")
-        _one_of("md_distance", self.md_distance, ("l1", "kl"))
-        _one_of("label_sampling", self.label_sampling, ("customized", "uniform"))
-        _one_of("ensemble", self.ensemble, ("class", "uniform"))
-        return self
-
-
-def _check(name: str, value: object, ok, what: str) -> None:
-    try:
-        good = not isinstance(value, bool) and bool(ok(value))
-    except TypeError:
-        good = False
-    if not good:
-        raise UserError(f"{name}: must be {what}, got {value!r}")
-
-
-def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(valid)}")
+    iterations: int = _distill_field(
+        10, "generator/student iterations I per round", check=POSITIVE_INT
+    )
+    lambda_cls: float = _distill_field(1.0, "fidelity weight", check=NON_NEGATIVE)
+    md_distance: str = _distill_field(
+        "l1", "hard-sample gap: l1 on logits (authors) or kl", choices=("l1", "kl")
+    )
+    label_sampling: str = _distill_field(
+        "customized",
+        "ablation: uniform labels instead of the clients' class mix",
+        choices=("customized", "uniform"),
+    )
+    ensemble: str = _distill_field(
+        "class",
+        "ablation: uniform teacher average instead of class-level weights",
+        choices=("class", "uniform"),
+    )
+    hard_mining: bool = _distill_field(True, "ablation: false drops the hard-sample term")
 
 
 class FTGServer:
@@ -442,3 +455,22 @@ class FTGServer:
         """``per_class`` generated images of every class (normalised scale) and labels."""
         y = torch.arange(self.num_classes).repeat_interleave(per_class).to(self.device)
         return self.generate(y, generator), y
+
+
+PLUGIN = PluginSpec(
+    name="ftg",
+    summary="FedFTG: fine-tune the aggregate by data-free distillation on hard generated samples",
+    settings=FTGConfig,
+    server=lambda s, env: FTGServer(
+        s,
+        env.num_classes,
+        env.channels,
+        env.image_size,
+        device=env.device,
+        seed=env.seed,
+        precision=env.precision,
+    ),
+    alias="fedftg",
+    samples=True,
+    order=10,
+)

@@ -36,6 +36,7 @@ from fedftg.methods.client import (
     Tensors,
     Term,
     call_model,
+    combine_terms,
     functional_template,
     local_batches,
     param_names,
@@ -54,16 +55,19 @@ def train_local_vmap(
     ctxs: Sequence[LocalContext],
     spec: LocalSpec,
     gens: Sequence[torch.Generator],
+    extras: Sequence[Term | None] | None = None,
 ) -> list[LocalResult]:
     """Train client ``k`` on ``indices_list[k]`` from ``ctxs[k]`` with ``gens[k]``, all at once.
 
     Same results as calling `train_local` for each client in turn (each client's generator
-    must be its own object). ``model`` supplies the architecture and runs the method's
+    must be its own object); ``extras[k]`` is client k's `train_local` ``extra`` term (a
+    plug-in's client half). ``model`` supplies the architecture and runs the method's
     ``finish`` hooks; it is left holding the last client's trained state.
     """
     n_clients = len(ctxs)
-    if not (len(indices_list) == len(gens) == n_clients):
-        raise ValueError("indices_list, ctxs and gens must have one entry per client")
+    extras = list(extras) if extras is not None else [None] * n_clients
+    if not (len(indices_list) == len(gens) == len(extras) == n_clients):
+        raise ValueError("indices_list, ctxs, gens and extras must have one entry per client")
     if n_clients == 0:
         return []
     model.train()
@@ -75,7 +79,9 @@ def train_local_vmap(
         n: torch.stack([ctx.global_state.get(n, t).detach().to(t) for ctx in ctxs])
         for n, t in own.items()
     }
-    terms = [method.begin(model, ctx) for ctx in ctxs]
+    terms = [
+        combine_terms(method.begin(model, ctx), e) for ctx, e in zip(ctxs, extras, strict=True)
+    ]
     stepper = _Stepper(model, trained, stacks, terms, spec)
 
     iters = [local_batches(idx, spec, gen) for idx, gen in zip(indices_list, gens, strict=True)]
@@ -84,7 +90,7 @@ def train_local_vmap(
     loss_sums = torch.zeros(n_clients, dtype=torch.float64, device=device)
     active = list(range(n_clients))
     while active:
-        groups: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        groups: dict[int, list[tuple[int, Tensors]]] = {}
         for k in active:
             idx = next(iters[k], None)
             if idx is None:
@@ -92,13 +98,13 @@ def train_local_vmap(
             x, y = data.batch(idx)
             if spec.augment:
                 x = augment(x, gens[k])
-            groups.setdefault(len(idx), []).append((k, x, y))
-        active = [k for members in groups.values() for k, _, _ in members]
+            batch = terms[k].inputs(x, y) if terms[k] is not None else {"x": x, "y": y}
+            groups.setdefault(len(idx), []).append((k, batch))
+        active = [k for members in groups.values() for k, _ in members]
         for members in groups.values():
-            rows = [k for k, _, _ in members]
-            x = torch.stack([m[1] for m in members])
-            y = torch.stack([m[2] for m in members])
-            losses = stepper.step(rows, x, y, first=steps[rows[0]] == 0)
+            rows = [k for k, _ in members]
+            batch = {n: torch.stack([b[n] for _, b in members]) for n in members[0][1]}
+            losses = stepper.step(rows, batch, first=steps[rows[0]] == 0)
             loss_sums[rows] += losses
             for k in rows:
                 steps[k] += 1
@@ -154,20 +160,23 @@ class _Stepper:
             }
 
     def _loss(
-        self, params: Tensors, others: Tensors, client: Tensors, x: torch.Tensor, y: torch.Tensor
+        self, params: Tensors, others: Tensors, client: Tensors, batch: Tensors
     ) -> torch.Tensor:
         """One client's loss on its batch (the body of `train_local`'s step)."""
+        x, y = batch["x"], batch["y"]
         low = self.spec.precision != "fp32"
         with autocast(x.device, self.spec.precision), _Fp32BatchNorm() if low else _NULL:
             feats, logits = call_model(self.template, {**others, **params}, x)
             loss = F.cross_entropy(logits, y)
             if self.term_fn is not None:
-                loss = loss + self.term_fn(params, client, self.shared, feats, logits, x)
+                loss = loss + self.term_fn(params, client, self.shared, feats, logits, batch)
         return loss
 
-    def step(self, rows: list[int], x: torch.Tensor, y: torch.Tensor, first: bool) -> torch.Tensor:
-        """Train clients ``rows`` one step on batches x (G, B, ...), y (G, B); their losses."""
+    def step(self, rows: list[int], batch: Tensors, first: bool) -> torch.Tensor:
+        """Train clients ``rows`` one step on their stacked step inputs ``batch`` (x: (G, B,
+        ...), y: (G, B), and a term's prepared inputs); their losses."""
         spec = self.spec
+        x = batch["x"]
         full = rows == list(range(self.n_clients))
         sel = None if full else torch.tensor(rows, device=x.device)
 
@@ -177,7 +186,7 @@ class _Stepper:
         params = {n: take(self.stacks[n]).detach().requires_grad_() for n in self.trained}
         others = {n: take(t) for n, t in self.stacks.items() if n not in params}
         client = {n: take(t) for n, t in self.client.items()}
-        losses = vmap(self._loss)(params, others, client, x, y)
+        losses = vmap(self._loss)(params, others, client, batch)
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
 
         if spec.clip > 0:  # nn.utils.clip_grad_norm_ per client

@@ -54,6 +54,13 @@ class StackedModels:
         """Logits of model ``j`` on ``x`` (differentiable w.r.t. ``x``)."""
         return functional_call(self._net, self.state(j), (x,))
 
+    def module(self, j: int) -> nn.Module:
+        """Model ``j`` as an ordinary module (eval mode) holding a copy of its weights."""
+        first = next(iter(self.params.values()))
+        net = copy.deepcopy(self._net).to_empty(device=first.device)
+        net.load_state_dict(self.state(j))
+        return net.eval()
+
     def all(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every model on the same ``x``: (K, B, C), in one batched call.
 
@@ -102,8 +109,22 @@ Teachers = StackedModels | ReloadingModels
 
 
 def as_teachers(teachers: Teachers | Sequence[nn.Module], impl: str = "fast") -> Teachers:
-    """``teachers`` as a teacher set: stacked for impl="fast", reloaded for "reference"."""
-    if isinstance(teachers, (StackedModels, ReloadingModels)):
+    """``teachers`` as the teacher set a server step's ``impl`` runs on.
+
+    The engine holds the round's client models as it sees fit (stacked, usually); a step
+    with impl="reference" runs the authors' loop structure on them (`ReloadingModels`, over
+    the same states), impl="fast" the stacked calls.
+    """
+    if impl == "reference":
+        if isinstance(teachers, ReloadingModels):
+            return teachers
+        if isinstance(teachers, StackedModels):
+            return ReloadingModels(
+                teachers.module(0), [teachers.state(j) for j in range(len(teachers))]
+            )
+        return ReloadingModels.from_modules(list(teachers))
+    if isinstance(teachers, StackedModels):
         return teachers
-    cls = StackedModels if impl == "fast" else ReloadingModels
-    return cls.from_modules(list(teachers))
+    if isinstance(teachers, ReloadingModels):
+        return StackedModels(teachers._net, [teachers.state(j) for j in range(len(teachers))])
+    return StackedModels.from_modules(list(teachers))

@@ -17,26 +17,19 @@ import numpy as np
 
 from fedftg.config import (
     RunConfig,
+    core_fields,
     flatten_sections,
     method_specific,
     reads_setting,
-    split_method,
+    saved_settings,
 )
-from fedftg.engine.checkpoint import setting_value
 from fedftg.errors import UserError
+from fedftg.registry import split_method
 from fedftg.report.files import atomic_write, read_metrics
 from fedftg.report.plots import plt, save_figure
 
-# settings that do not make two runs different experiments
-POOLED = (
-    "seed",
-    "out",
-    "device",
-    "eval_batch_size",
-    "eval_ensemble",
-    "checkpoint_every",
-    "data_dir",
-)
+# settings that do not make two runs different experiments (declared ``pooled``)
+POOLED = tuple(f.name for f, m in core_fields() if m.pooled)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -59,23 +52,22 @@ def _defines_setting(key: str) -> bool:
 
 
 def _setting_key(cfg: dict[str, Any]) -> str:
-    kept = {k: v for k, v in cfg.items() if _defines_setting(k)}
+    kept = {k: v for k, v in saved_settings(cfg).items() if _defines_setting(k)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
 def method_label(method: str, cfg: dict[str, Any]) -> str:
     """The method's name in tables: with the settings only it reads, where not at their
-    default (``scaffold+ftg (scaffold_reference=sent)``, ``fedftg (ftg.ensemble=uniform)``),
+    default (``scaffold+ftg (scaffold.reference=sent)``, ``fedftg (ftg.ensemble=uniform)``),
     so that variants of one method (the paper's ablations among them) share a setting, and
-    its base method, with each other."""
+    its base method, with each other. A config saved before a setting existed reads it as
+    the value that reproduces that time's behaviour."""
     defaults = flatten_sections(RunConfig().to_dict())
-    flat = flatten_sections(cfg)
+    flat = saved_settings(cfg)
     extras = [
-        f"{k}={value}"
+        f"{k}={flat[k]}"
         for k in defaults
-        if method_specific(k)
-        and reads_setting(method, k)
-        and (value := setting_value(flat, k, defaults[k])) != defaults[k]
+        if method_specific(k) and reads_setting(method, k) and flat[k] != defaults[k]
     ]
     return f"{method} ({', '.join(extras)})" if extras else method
 
@@ -200,7 +192,7 @@ def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) 
     except OSError as exc:
         raise UserError(f"out: cannot create {out_dir} ({exc.strerror or exc})") from None
     settings = collect(find_runs(paths))
-    configs = [flatten_sections(s["config"]) for s in settings.values()]
+    configs = [saved_settings(s["config"]) for s in settings.values()]
     varying = sorted(
         k
         for k in {k for c in configs for k in c}

@@ -1,0 +1,99 @@
+"""MOON (Li, He, Song, CVPR 2021): model-contrastive learning on the representation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedftg.methods.client import (
+    ClientMethod,
+    LocalContext,
+    Tensors,
+    Term,
+    call_model,
+    detached_state,
+    functional_template,
+)
+from fedftg.registry import MethodSpec
+from fedftg.settings import NON_NEGATIVE, POSITIVE, Settings, setting
+
+
+@dataclass
+class MoonSettings(Settings):
+    mu: float = setting(
+        1.0,
+        "weight of the contrastive term",
+        check=NON_NEGATIVE,
+        legacy_key="moon_mu",
+        always_hashed=True,
+    )
+    tau: float = setting(
+        0.5,
+        "temperature of the cosine similarities",
+        check=POSITIVE,
+        legacy_key="moon_tau",
+        always_hashed=True,
+    )
+
+
+class Moon(ClientMethod):
+    """MOON (Li et al. 2021): model-contrastive term on the representation.
+
+    mu * -log(exp(sim(z, z_glob)/tau) / (exp(sim(z, z_glob)/tau) + exp(sim(z, z_prev)/tau)))
+    with cosine similarity; the positive is the global model's representation, the
+    negative the client's previous local model's (the global model on its first round).
+    """
+
+    name = "moon"
+
+    def __init__(self, mu: float, tau: float) -> None:
+        self.mu = mu
+        self.tau = tau
+
+    def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
+        net = functional_template(model, train=False)
+
+        def term(
+            params: Tensors,
+            client: Tensors,
+            shared: Tensors,
+            feats: torch.Tensor,
+            logits: torch.Tensor,
+            batch: Tensors,
+        ) -> torch.Tensor:
+            x = batch["x"]
+            with torch.no_grad():  # both representations are fixed targets (eval mode)
+                z_glob = call_model(net, shared, x)[0]
+                z_prev = call_model(net, client, x)[0]
+            return self.mu * moon_contrastive(feats, z_glob, z_prev, self.tau)
+
+        prev = dict(ctx.client_state or ctx.global_state)
+        return Term(term, client=prev, shared=dict(ctx.global_state))
+
+    def finish(
+        self, model: nn.Module, ctx: LocalContext, steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
+        ctx.client_state.clear()
+        ctx.client_state.update(detached_state(model))
+        return {}
+
+
+def moon_contrastive(
+    z: torch.Tensor, z_pos: torch.Tensor, z_neg: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """MOON's contrastive loss (mean over the batch) with cosine similarity / tau."""
+    pos = F.cosine_similarity(z, z_pos, dim=-1) / tau
+    neg = F.cosine_similarity(z, z_neg, dim=-1) / tau
+    return -(pos - torch.logaddexp(pos, neg)).mean()
+
+
+METHOD = MethodSpec(
+    name="moon",
+    summary="model-contrastive term on the representation",
+    settings=MoonSettings,
+    build=lambda s, cfg: Moon(s.mu, s.tau),
+    order=40,
+)
