@@ -33,6 +33,7 @@ from fedftg.methods.fedgen import (
 )
 from fedftg.models import build_model
 from fedftg.models.feature_generator import FeatureGenerator, generator_dims
+from fedftg.models.stacked import StackedModels
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -286,6 +287,24 @@ def test_train_generator_with_a_student_uses_it():
     )
     assert log["gen_student"] > 0
     assert not torch.equal(h.out.weight, plain.out.weight)
+
+
+def test_train_generator_takes_the_heads_of_stacked_client_models():
+    torch.manual_seed(0)
+    models = [build_model("cnn", 1, 8, 10) for _ in range(2)]
+    stacked = StackedModels.from_modules(models)
+    hw, hb = stacked.params["classifier.weight"], stacked.params["classifier.bias"]
+    assert hw.shape == (2, 10, 512) and hb.shape == (2, 10)
+    before = hw.clone()
+    cfg = FedGenConfig(ensemble_epochs=5)
+    g = build_generator(cfg, "digits", 1, 10, 512)
+    counts = np.array([[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 3, 9]])
+    log = train_generator(g, generator_optimizer(g, cfg), hw, hb, counts, cfg, 0, 16, _gen())
+    assert log["gen_qualified_labels"] == 4.0 and np.isfinite(log["gen_loss"])
+    assert torch.equal(stacked.params["classifier.weight"], before)
+    # the generated features give the same logits through a client's own classifier
+    feats = g(torch.arange(10), g.sample_noise(10, _gen()))
+    torch.testing.assert_close(head_logits(feats, hw, hb)[1], models[1].classifier(feats))
 
 
 # ----------------------------------------------------------------------- client maths
