@@ -53,7 +53,9 @@ class PluginSpec:
     ``client_payload(round)``, sent to the round's clients, and the half turns it into a
     term of the client's local loss. ``alias`` names the plug-in on FedAvg (``fedftg``).
     ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
-    directory gets a figure of generated samples.
+    directory gets a figure of generated samples. ``fine_tunes``: the server step changes
+    the aggregate (so the engine measures the accuracy before it); False for a plug-in that
+    only trains state of its own (FedGen's generator).
     """
 
     name: str
@@ -63,6 +65,7 @@ class PluginSpec:
     client: Callable[[Settings, PluginEnv], ClientHalf] | None = None
     alias: str | None = None
     samples: bool = False
+    fine_tunes: bool = True
     order: int = 100
 
 

@@ -213,6 +213,10 @@ def plugin_env(cfg: RunConfig, ds: Dataset, device: torch.device) -> PluginEnv:
         seed=cfg.seed,
         precision=cfg.precision,
         model=cfg.model,
+        dataset=cfg.dataset,
+        batch_size=cfg.batch_size,
+        local_epochs=cfg.local_epochs,
+        local_steps=cfg.local_steps,
     )
 
 
@@ -305,7 +309,8 @@ class ServerRunner:
         counts = np.stack(histograms)
         teachers: Teachers | None = None
         if self.plugin is not None:
-            if evaluate_now:
+            fine_tunes = registry.plugin(self.plugin_name).fine_tunes
+            if evaluate_now and fine_tunes:
                 acc0, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
                 record["acc_before_server"] = acc0
             server_start = time.perf_counter()
@@ -314,8 +319,9 @@ class ServerRunner:
             metrics = self.plugin.step(self.model, teachers, counts, t, gen)
             record["server_s"] = time.perf_counter() - server_start
             record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
-            self.method.note_server_step(new_state, st.server_state)
-            new_state = detached_state(self.model)
+            if fine_tunes:
+                self.method.note_server_step(new_state, st.server_state)
+                new_state = detached_state(self.model)
         if cfg.eval_ensemble and evaluate_now:
             if teachers is None:  # else reuse the plug-in's (frozen: still the uploads)
                 teachers = StackedModels(self.model, [r.state for r in results])

@@ -19,21 +19,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedftg.errors import UserError
-from fedftg.methods.ftg import _check, _one_of, diversity_loss
+from fedftg.methods.client import LocalSpec, Term
+from fedftg.methods.ftg import diversity_loss
+from fedftg.methods.plugin import PluginEnv
+from fedftg.models import build_model
 from fedftg.models.feature_generator import (
     GENERATOR_NOISE,
     GENERATOR_OUTPUTS,
     FeatureGenerator,
     generator_dims,
 )
+from fedftg.models.stacked import Teachers
 from fedftg.precision import upcast
+from fedftg.registry import PluginSpec
 from fedftg.seeding import derive_seed
+from fedftg.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Settings,
+    at_least,
+    setting,
+)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -42,88 +57,98 @@ Tensors = dict[str, torch.Tensor]
 LABEL_COUNTS = ("seen", "dataset")
 
 
+_OPTIONAL_INT = at_least(1, integer=True)
+
+
 @dataclass
-class FedGenConfig:
+class FedGenConfig(Settings):
     """FedGen settings; defaults are the authors' (RUNCONFIGS['mnist'], main.py, serverbase)."""
 
     # server: generator training, once per round
-    ensemble_lr: float = 3e-4  # Adam lr
-    ensemble_weight_decay: float = 1e-2  # Adam's L2 term
-    lr_decay: float = 0.98  # per round (ExponentialLR stepped after each round's training)
-    ensemble_epochs: int = 50  # with n_teacher_iters: see `generator_steps`
-    n_teacher_iters: int = 5
-    batch_size: int | None = None  # None: the clients' local batch size, as the authors
-    ensemble_alpha: float = 1.0  # teacher term
-    ensemble_beta: float = 0.0  # adversarial student term (off)
-    ensemble_eta: float = 1.0  # diversity term
-    label_count_prior: float = 1.0  # every client's count of every label starts at 1
-    min_samples_per_label: float = 1.0  # a label is drawn if some (prior + count) exceeds it
-    label_counts: str = "seen"
+    ensemble_lr: float = setting(3e-4, "generator Adam learning rate", check=POSITIVE)
+    ensemble_weight_decay: float = setting(1e-2, "generator Adam weight decay", check=NON_NEGATIVE)
+    lr_decay: float = setting(0.98, "per-round decay of the generator lr", check=POSITIVE)
+    ensemble_epochs: int = setting(
+        50,
+        "generator steps per round, in loops of n_teacher_iters",
+        check=at_least(0, integer=True),
+    )
+    n_teacher_iters: int = setting(5, "generator steps per loop", check=POSITIVE_INT)
+    batch_size: int | None = setting(
+        None,
+        "generator batch (default: the clients' local batch size, as the authors)",
+        check=at_least(2, integer=True),
+        optional=True,
+    )
+    ensemble_alpha: float = setting(1.0, "weight of the teacher term", check=NON_NEGATIVE)
+    ensemble_beta: float = setting(
+        0.0, "weight of the adversarial student term (0: off, authors)", check=NON_NEGATIVE
+    )
+    ensemble_eta: float = setting(1.0, "weight of the diversity term", check=NON_NEGATIVE)
+    label_count_prior: float = setting(
+        1.0, "added to every client's count of every label", check=NON_NEGATIVE
+    )
+    min_samples_per_label: float = setting(
+        1.0,
+        "a label is generated when some client's (prior + count) exceeds this",
+        check=NON_NEGATIVE,
+    )
+    label_counts: str = setting(
+        "seen",
+        "a client's label counts: seen (the labels of the batches it trained on this round, "
+        "authors) or dataset (its label histogram)",
+        choices=LABEL_COUNTS,
+    )
     # client: the regulariser
-    generative_alpha: float = 10.0  # teacher CE on generated features
-    generative_beta: float = 10.0  # latent KL on the batch's labels
-    generative_decay: float = 0.98  # both decay per round ...
-    generative_floor: float = 1e-4  # ... down to this floor
-    gen_batch_size: int | None = None  # labels drawn per client step; None: the local batch
-    early_stop: int = 20  # regularise in the first early_stop local epochs only
+    generative_alpha: float = setting(
+        10.0, "client weight of the teacher CE on generated features", check=NON_NEGATIVE
+    )
+    generative_beta: float = setting(
+        10.0, "client weight of the latent KL on the batch's labels", check=NON_NEGATIVE
+    )
+    generative_decay: float = setting(
+        0.98, "per-round decay of both client weights", check=POSITIVE
+    )
+    generative_floor: float = setting(
+        1e-4, "floor of the decayed client weights", check=NON_NEGATIVE
+    )
+    gen_batch_size: int | None = setting(
+        None,
+        "labels a client draws per step (default: its local batch size)",
+        check=_OPTIONAL_INT,
+        optional=True,
+    )
+    early_stop: int = setting(
+        20,
+        "regularise in the first early_stop local epochs only",
+        check=at_least(0, integer=True),
+    )
     # generator architecture (None: from the authors' entry for the dataset)
-    noise_dim: int | None = None
-    hidden_dim: int | None = None
-    embedding: bool = False
-    noise: str = "uniform"
-    output: str = "relu"
+    noise_dim: int | None = setting(
+        None,
+        "generator noise size (default: the authors' for the dataset)",
+        check=_OPTIONAL_INT,
+        optional=True,
+    )
+    hidden_dim: int | None = setting(
+        None,
+        "generator hidden width (default: the authors' for the dataset)",
+        check=_OPTIONAL_INT,
+        optional=True,
+    )
+    embedding: bool = setting(False, "a learned label embedding instead of the one-hot label")
+    noise: str = setting(
+        "uniform", "noise distribution: uniform (authors) or normal", choices=GENERATOR_NOISE
+    )
+    output: str = setting(
+        "relu",
+        "generator output: relu (fedftg's features are post-ReLU) or none (authors')",
+        choices=GENERATOR_OUTPUTS,
+    )
 
-    def validate(self) -> FedGenConfig:
-        """Raise `UserError` naming the first bad field; return ``self``."""
-        positive = lambda v: np.isfinite(v) and v > 0  # noqa: E731
-        nonneg = lambda v: np.isfinite(v) and v >= 0  # noqa: E731
-        for name in ("ensemble_lr", "lr_decay", "generative_decay"):
-            _check(name, getattr(self, name), positive, "> 0")
-        for name in (
-            "ensemble_weight_decay",
-            "ensemble_alpha",
-            "ensemble_beta",
-            "ensemble_eta",
-            "label_count_prior",
-            "min_samples_per_label",
-            "generative_alpha",
-            "generative_beta",
-            "generative_floor",
-        ):
-            _check(name, getattr(self, name), nonneg, ">= 0")
-        for name in ("ensemble_epochs", "early_stop"):
-            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, ">= 0")
-        _check(
-            "n_teacher_iters",
-            self.n_teacher_iters,
-            lambda v: isinstance(v, int) and v >= 1,
-            ">= 1",
-        )
-        _check(
-            "gen_batch_size",
-            self.gen_batch_size,
-            lambda v: v is None or (isinstance(v, int) and v >= 1),
-            "None or an integer >= 1",
-        )
-        _check(
-            "batch_size",
-            self.batch_size,
-            lambda v: v is None or (isinstance(v, int) and v >= 2),
-            "None or an integer >= 2 (BatchNorm)",
-        )
-        for name in ("noise_dim", "hidden_dim"):
-            _check(
-                name,
-                getattr(self, name),
-                lambda v: v is None or (isinstance(v, int) and v >= 1),
-                "None or an integer >= 1",
-            )
+    def check(self) -> None:
         if not isinstance(self.embedding, bool):
             raise UserError(f"embedding: must be true or false, got {self.embedding!r}")
-        _one_of("label_counts", self.label_counts, LABEL_COUNTS)
-        _one_of("noise", self.noise, GENERATOR_NOISE)
-        _one_of("output", self.output, GENERATOR_OUTPUTS)
-        return self
 
     def generated_batch(self, batch_size: int) -> int:
         """Labels a client draws per step for the teacher CE, given its local batch size."""
@@ -471,3 +496,168 @@ def client_loss(
     coeffs.latent * latent + coeffs.teacher * teacher (see `client_terms`)."""
     latent, teacher = client_terms(weight, bias, logits, inputs)
     return coeffs.latent * latent + coeffs.teacher * teacher
+
+
+# ---------------------------------------------------------------------- the plug-in
+
+
+def seen_label_counts(
+    counts: np.ndarray, local_epochs: int, local_steps: int | None, batch_size: int
+) -> np.ndarray:
+    """The labels each client trained on this round, from its label histogram (K, C).
+
+    Local training passes over all of a client's samples once per epoch, so with epochs
+    that is ``local_epochs`` times the histogram, exactly; with a fixed number of local
+    steps it is the histogram times the passes those steps make (steps * batch / samples),
+    the expected count."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if local_steps is None:
+        return counts * local_epochs
+    held = counts.sum(axis=1, keepdims=True).clip(min=1.0)
+    return counts * (local_steps * batch_size / held)
+
+
+def new_generator(cfg: FedGenConfig, env: PluginEnv) -> FeatureGenerator:
+    """The run's round-0 generator, sized for the model's representation, on its device."""
+    template = build_model(env.model, env.channels, env.image_size, env.num_classes)
+    dim = template.classifier.in_features
+    generator = build_generator(cfg, env.dataset, env.channels, env.num_classes, dim, env.seed)
+    return generator.to(env.device)
+
+
+class FedGenServer:
+    """FedGen's server side: trains the generator each round on the participants' heads.
+
+    The aggregate is left as the client method made it (FedGen regularises the clients,
+    not the global model). The generator, its Adam state and the labels seen in the
+    clients' uploads so far persist across rounds and are checkpointed.
+    """
+
+    def __init__(self, cfg: FedGenConfig, env: PluginEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.generator = new_generator(cfg, env)
+        self.optimizer = generator_optimizer(self.generator, cfg)
+        self.known = torch.zeros(env.num_classes, dtype=torch.bool)
+
+    def step(
+        self,
+        student: nn.Module,
+        teachers: Teachers,
+        counts: np.ndarray,
+        round_idx: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        counts = np.asarray(counts)
+        self.known |= torch.as_tensor(counts.sum(axis=0) > 0)
+        if cfg.label_counts == "seen":
+            counts = seen_label_counts(counts, env.local_epochs, env.local_steps, env.batch_size)
+        states = [teachers.state(j) for j in range(len(teachers))]
+        heads_w = torch.stack([s["classifier.weight"] for s in states])
+        heads_b = torch.stack([s["classifier.bias"] for s in states])
+        student_w = student_b = None
+        if cfg.ensemble_beta > 0:
+            student_w, student_b = student.classifier.weight, student.classifier.bias
+        return train_generator(
+            self.generator,
+            self.optimizer,
+            heads_w,
+            heads_b,
+            counts,
+            cfg,
+            round_idx,
+            env.batch_size,
+            generator,
+            student_w,
+            student_b,
+        )
+
+    def client_payload(self, round_idx: int) -> Tensors:
+        """The generator's weights and BatchNorm statistics (``g.<name>``) and the labels
+        the clients draw generated labels from (``labels``: every label some client has
+        reported holding so far)."""
+        payload = {"g." + k: v.detach() for k, v in self.generator.state_dict().items()}
+        payload["labels"] = torch.nonzero(self.known).flatten()
+        return payload
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": {k: v.detach().clone() for k, v in self.generator.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "known": self.known.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.known = state["known"].to(torch.bool).cpu().clone()
+
+
+class FedGenClient:
+    """FedGen's client half: the generator from the round's payload regularises the head."""
+
+    def __init__(self, cfg: FedGenConfig, env: PluginEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.generator = new_generator(cfg, env).eval()
+
+    def term(
+        self,
+        model: nn.Module,
+        payload: Tensors,
+        histogram: np.ndarray,
+        round_idx: int,
+        spec: LocalSpec,
+        rng: torch.Generator,
+    ) -> Term | None:
+        """`client_loss` as a term; None in round 0 (no generator trained yet), when the
+        coefficients are zero, or before any label is known."""
+        cfg = self.cfg
+        labels = payload.get("labels")
+        if labels is None or len(labels) == 0:
+            return None
+        if not client_coefficients(cfg, round_idx, 0, spec.batch_size).active:
+            return None
+        self.generator.load_state_dict({k[2:]: v for k, v in payload.items() if k.startswith("g.")})
+        generator = self.generator
+        labels = labels.to(generator.out.weight.device)
+        held = max(int(np.sum(histogram)), 1)
+        drawn = [0]  # samples trained on so far this round: gives the local epoch
+        gen_batch = cfg.generated_batch(spec.batch_size)
+
+        def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+            epoch = drawn[0] // held
+            drawn[0] += len(y)
+            coeffs = client_coefficients(cfg, round_idx, epoch, spec.batch_size)
+            inputs = prepare_client_inputs(generator, y, labels, gen_batch, rng)
+            inputs["latent_weight"] = torch.tensor(coeffs.latent, device=y.device)
+            inputs["teacher_weight"] = torch.tensor(coeffs.teacher, device=y.device)
+            return inputs
+
+        return Term(_client_term, prepare=prepare)
+
+
+def _client_term(
+    params: Tensors,
+    client: Tensors,
+    shared: Tensors,
+    feats: torch.Tensor,
+    logits: torch.Tensor,
+    batch: Tensors,
+) -> torch.Tensor:
+    """FedGen's term in a client's loss, weighted by the step's coefficients (`Term.fn`)."""
+    latent, teacher = client_terms(
+        params["classifier.weight"], params["classifier.bias"], logits, batch
+    )
+    return batch["latent_weight"] * latent + batch["teacher_weight"] * teacher
+
+
+PLUGIN = PluginSpec(
+    name="fedgen",
+    summary="FedGen: a server-trained feature generator regularises the clients' heads",
+    settings=FedGenConfig,
+    server=FedGenServer,
+    client=FedGenClient,
+    alias="fedgen",
+    fine_tunes=False,
+    order=30,
+)

@@ -38,6 +38,11 @@ class PluginEnv:
     seed: int = 0
     precision: str = "fp32"
     model: str = "cnn"  # the classifier architecture's name (fedftg.models.build_model)
+    dataset: str = ""  # the dataset's name (fedftg.data.sources)
+    # the clients' local training (what a client half or a generator batch follows)
+    batch_size: int = 50
+    local_epochs: int = 1
+    local_steps: int | None = None
 
 
 class ServerPlugin(Protocol):
