@@ -70,6 +70,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run settings (defaults in brackets)")
     defaults = RunConfig()
     for f, m in core_fields():
+        if m.hidden:
+            continue
         help_text = method_help() if f.name == "method" else m.help
         shown = f" [{_shown(getattr(defaults, f.name))}]"
         _flag(group, f.name, ["--" + f.name.replace("_", "-")], hints[f.name], help_text + shown)
@@ -88,6 +90,8 @@ IGNORED_KEYS = {
     "command",
     "config",
     "config_json",
+    "preset",
+    "print_config",
     "func",
     "progress",
     "heatmap",
@@ -114,6 +118,29 @@ def _config(ns: argparse.Namespace) -> RunConfig:
     return build_config(getattr(ns, "config", None), _overrides(ns))
 
 
+def _configs(ns: argparse.Namespace) -> list[RunConfig]:
+    """The runs a `run` command asks for: one, or one per group of a preset."""
+    if not getattr(ns, "preset", None):
+        return [_config(ns)]
+    from fedftg.presets import load_preset, preset_runs
+
+    if getattr(ns, "config", None):
+        raise UserError(
+            "preset: --preset and --config cannot be combined (flags override a preset)"
+        )
+    overrides = _overrides(ns)
+    out = overrides.pop("out", None)
+    return [cfg for _, cfg in preset_runs(load_preset(ns.preset), overrides, out)]
+
+
+def cmd_presets(ns: argparse.Namespace) -> int:
+    from fedftg.presets import available
+
+    for name, description in available().items():
+        print(f"{name:<22} {description}")
+    return 0
+
+
 def cmd_sweep(ns: argparse.Namespace) -> int:
     from fedftg.config import apply_overrides, load_config_file
     from fedftg.engine.sweep import parse_grid, run_sweep
@@ -121,11 +148,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     values = load_config_file(ns.config) if ns.config else {}
     grid = parse_grid(values.pop("grid", {}))
     grid.update(parse_grid(ns.grid or []))
-    cfg = apply_overrides(RunConfig(), values, where=f"{ns.config}: " if ns.config else "")
-    overrides = _overrides(ns)
-    cfg = apply_overrides(cfg, overrides).validate()
-    check_given(cfg, given_keys(values) + given_keys(overrides))
-    results = run_sweep(cfg, grid, jobs=ns.jobs)
+    if ns.preset:
+        bases = _configs(ns)
+    else:
+        cfg = apply_overrides(RunConfig(), values, where=f"{ns.config}: " if ns.config else "")
+        overrides = _overrides(ns)
+        cfg = apply_overrides(cfg, overrides).validate()
+        check_given(cfg, given_keys(values) + given_keys(overrides))
+        bases = [cfg.resolve()]
+    results = [r for base in bases for r in run_sweep(base, grid, jobs=ns.jobs)]
+    cfg = bases[0]
     for r in results:
         print(f"{r['name']:<40} {r['status']}  ({r['out']})")
     failed = [r for r in results if r["status"].startswith("failed")]
@@ -135,7 +167,8 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     if ns.report:
         from fedftg.report.report import build_report
 
-        md = build_report([cfg.out], Path(cfg.out) / "report", target=ns.target)
+        root = Path(cfg.out).parent if len(bases) > 1 else Path(cfg.out)
+        md = build_report([str(root)], root / "report", target=ns.target)
         print(f"report written to {md}")
     return 0
 
@@ -149,22 +182,27 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    configs = _configs(ns)
+    if ns.print_config:
+        shown = [c.to_dict() for c in configs]
+        print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
+        return 0
     from fedftg.engine.run import Interrupted, run_experiment
 
-    cfg = _config(ns)
     verbosity = 0 if ns.quiet else 2 if ns.verbose else 1
-    try:
-        run_experiment(
-            cfg,
-            progress=ns.progress,
-            resume=ns.resume,
-            fresh=ns.fresh,
-            verbosity=verbosity,
-            tensorboard=ns.tensorboard,
-        )
-    except Interrupted as exc:
-        sys.stderr.write(f"interrupted: {exc}\n")
-        return 130
+    for cfg in configs:
+        try:
+            run_experiment(
+                cfg,
+                progress=ns.progress,
+                resume=ns.resume,
+                fresh=ns.fresh,
+                verbosity=verbosity,
+                tensorboard=ns.tensorboard,
+            )
+        except Interrupted as exc:
+            sys.stderr.write(f"interrupted: {exc}\n")
+            return 130
     return 0
 
 
@@ -265,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = subs.add_parser("run", help="run FL methods and write results to --out")
     run.add_argument("--config", metavar="FILE", help="TOML file of settings (flags override)")
+    _add_preset_flag(run)
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved settings as JSON (a list for a preset's runs) and exit",
+    )
     run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -291,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="a grid of runs (e.g. alpha x seed), skipping finished ones"
     )
     sweep.add_argument("--config", metavar="FILE", help="TOML settings; a [grid] table sweeps")
+    _add_preset_flag(sweep)
     sweep.add_argument(
         "--grid",
         action="append",
@@ -318,7 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     part.set_defaults(func=cmd_partition)
 
     _add_bench_parser(subs)
+    presets = subs.add_parser("presets", help="list the shipped experiment presets")
+    presets.set_defaults(func=cmd_presets)
     return parser
+
+
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a shipped protocol (fedftg presets lists them) or a preset .toml; flags "
+        "override it; a preset with groups runs each group into OUT/<group>",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

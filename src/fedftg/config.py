@@ -28,6 +28,7 @@ from typing import Any
 from fedftg import registry
 from fedftg.data.partition import SCHEMES
 from fedftg.data.sources import NAMES as DATASETS
+from fedftg.data.sources import dataset_classes
 from fedftg.errors import UserError
 from fedftg.methods.aggregation import SELECTIONS
 from fedftg.models import MODEL_NAMES
@@ -192,6 +193,13 @@ class RunConfig:
         resumable=True,
         pooled=True,
     )
+    preset: str | None = setting(
+        None,
+        "the preset (and group) the run's settings came from (set by --preset)",
+        resumable=True,
+        pooled=True,
+        hidden=True,
+    )
     # one per client method / server plug-in with settings (fedftg.registry.sections)
     sections: dict[str, Settings] = setting(default_factory=_default_sections, help="", hidden=True)
 
@@ -228,6 +236,17 @@ class RunConfig:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f, _ in core_fields()}
         out.update({name: dataclasses.asdict(s) for name, s in self.sections.items()})
         return out
+
+    def resolve(self, num_classes: int | None = None) -> RunConfig:
+        """Fill, in place, the settings whose default follows the data (FedFTG's nz) for
+        ``num_classes`` classes, by default the dataset's as known without loading it;
+        left as they are when that is unknown. Returns self."""
+        if num_classes is None:
+            num_classes = dataset_classes(self.dataset, self.data_dir)
+        if num_classes is not None:
+            for s in self.sections.values():
+                s.resolve(num_classes)
+        return self
 
     def copy(self) -> RunConfig:
         """An independent copy (sections included)."""
@@ -491,7 +510,7 @@ def build_config(
         keys += given_keys(overrides)
     cfg.validate()
     check_given(cfg, keys)
-    return cfg
+    return cfg.resolve()
 
 
 def _saved(values: dict[str, Any]) -> RunConfig:
@@ -506,7 +525,8 @@ def _saved(values: dict[str, Any]) -> RunConfig:
         for f, m in fields(s):
             if m.before is not MISSING:
                 setattr(s, f.name, m.before)
-    return apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
+    apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
+    return cfg.resolve()
 
 
 def saved_settings(values: dict[str, Any]) -> dict[str, Any]:

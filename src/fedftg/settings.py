@@ -161,6 +161,10 @@ class Settings:
     def check(self) -> None:
         """Rules across fields; raise `UserError` naming the field. None by default."""
 
+    def resolve(self, num_classes: int) -> None:
+        """Fill the settings whose default depends on the task (None = "follow the data")
+        for a dataset of ``num_classes`` classes, in place. None by default."""
+
 
 def validate_section(section: str, settings: Settings) -> None:
     """`Settings.validate` with the section named in the error (``ftg.iterations: ...``)."""

@@ -74,6 +74,16 @@ def load_imagefolder(source: Path) -> FolderArrays:
     return arrays
 
 
+def count_classes(source: Path) -> int | None:
+    """The number of classes of the image folder or .zip ``source`` from its layout alone
+    (no decoding); None when it cannot be read or is not a valid layout."""
+    try:
+        with _open_source(source) as (names, _):
+            return len(index_layout(names, source)[0])
+    except (UserError, OSError):
+        return None
+
+
 def decode_folder(source: Path) -> FolderArrays:
     """Decode every image of ``source``; a bad layout or image is a `UserError` naming it."""
     with _open_source(source) as (names, read):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedftg.data.download import fetch, md5sum
-from fedftg.data.imagefolder import load_imagefolder
+from fedftg.data.imagefolder import count_classes, load_imagefolder
 from fedftg.errors import UserError
 
 NAMES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "imagefolder")
@@ -74,6 +74,20 @@ def default_data_dir() -> Path:
     """`$FEDFTG_DATA`, else ~/.cache/fedftg/data."""
     env = os.environ.get("FEDFTG_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fedftg" / "data"
+
+
+# classes of the named datasets (imagefolder: as many as its train/ folder holds)
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def dataset_classes(name: str, data_dir: str | Path | None = None) -> int | None:
+    """The number of classes of dataset ``name`` without loading it (None if unknown, e.g.
+    an image folder that is not there)."""
+    if name == "imagefolder":
+        if not data_dir or not Path(data_dir).expanduser().exists():
+            return None
+        return count_classes(Path(data_dir).expanduser())
+    return NUM_CLASSES.get(name)
 
 
 def load_dataset(

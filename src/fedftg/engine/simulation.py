@@ -119,7 +119,10 @@ def prepare(cfg: RunConfig) -> Setup:
 
 
 def setup_from_dataset(cfg: RunConfig, ds: Dataset) -> Setup:
-    """Partition an already loaded dataset, put it on the device, build the initial model."""
+    """Partition an already loaded dataset, put it on the device, build the initial model.
+
+    The setup's config is ``cfg`` with the settings that follow the data resolved for it."""
+    cfg = cfg.copy().resolve(ds.num_classes)
     device = resolve_device(cfg.device)
     part = split_clients(cfg, ds)
     return Setup(

@@ -176,6 +176,10 @@ class ClientMethod:
         """A client's method state, created the first time it is selected."""
         return {}
 
+    def local_spec(self, spec: LocalSpec) -> LocalSpec:
+        """The local-training settings this method trains with (default: as given)."""
+        return spec
+
     def begin(self, model: nn.Module, ctx: LocalContext) -> Term | None:
         """Called before local training; returns the extra loss term (or None)."""
         return None
@@ -237,6 +241,7 @@ def train_local(
     bf16 autocast when ``spec.precision`` says so; SGD with weight decay and momentum,
     gradient-norm clipping at ``spec.clip`` (0 = off). The reference for `train_local_vmap`.
     """
+    spec = method.local_spec(spec)
     model.load_state_dict(ctx.global_state)
     model.train()
     term = combine_terms(method.begin(model, ctx), extra)

@@ -9,6 +9,7 @@ maths is in pure functions below; `FTGServer` runs the authors' schedule with th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,7 +216,13 @@ class DistillConfig(Settings):
         "synthetic batch B",
         check=Check(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (BatchNorm)"),
     )
-    nz: int = _distill_field(100, "generator noise size", check=POSITIVE_INT)
+    nz: int | None = _distill_field(
+        None,
+        "generator noise size; by default it follows the dataset, as the authors': 100 for "
+        "up to 10 classes (CIFAR-10), 256 for more (CIFAR-100)",
+        check=POSITIVE_INT,
+        optional=True,
+    )
     ngf: int = _distill_field(64, "generator width", check=POSITIVE_INT)
     gen_lr: float = _distill_field(0.01, "generator Adam learning rate", check=POSITIVE)
     student_lr: float = _distill_field(
@@ -248,6 +255,15 @@ class DistillConfig(Settings):
         choices=("generated", "aggregate"),
         before="generated",
     )
+
+    def resolve(self, num_classes: int) -> None:
+        if self.nz is None:
+            self.nz = default_nz(num_classes)
+
+
+def default_nz(num_classes: int) -> int:
+    """The authors' generator noise size: 100 for CIFAR-10, 256 for CIFAR-100 (by classes)."""
+    return 100 if num_classes <= 10 else 256
 
 
 @dataclass
@@ -296,6 +312,9 @@ class FTGServer:
         seed: int = 0,
         precision: str = "fp32",
     ) -> None:
+        if cfg.nz is None:  # follow the dataset; the caller's settings stay as they are
+            cfg = dataclasses.replace(cfg)
+            cfg.resolve(num_classes)
         self.cfg = cfg
         self.num_classes = num_classes
         self.device = torch.device(device)

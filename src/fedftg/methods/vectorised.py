@@ -70,6 +70,7 @@ def train_local_vmap(
         raise ValueError("indices_list, ctxs, gens and extras must have one entry per client")
     if n_clients == 0:
         return []
+    spec = method.local_spec(spec)
     model.train()
     trained = param_names(model)
     keys = list(model.state_dict(keep_vars=True).keys())
