@@ -57,7 +57,8 @@ def test_the_registry_holds_every_method_and_plug_in_once():
     assert registry.aliases()["fedftg"] == "fedavg+ftg"
     assert registry.split_method("feddf") == ("fedavg", "df")
     assert registry.split_method("scaffold+ftg") == ("scaffold", "ftg")
-    names = [*methods, *plugins, *registry.aliases()]
+    aliases = [a for a in registry.aliases() if a not in plugins]  # fedgen names both
+    names = [*methods, *plugins, *aliases]
     assert len(names) == len(set(names))
     for name, spec in methods.items():
         assert spec.name == name and spec.summary

@@ -32,7 +32,7 @@ def test_grid_points_names_and_values(tmp_path):
 
 
 def test_grid_sweeps_section_settings_under_every_spelling(tmp_path):
-    base = RunConfig(out=str(tmp_path))
+    base = RunConfig(out=str(tmp_path), method=["fedavg", "fedftg", "feddf"])
     for key in ("ftg.gen_lr", "ftg-gen-lr", "ftg_gen_lr"):
         points = grid_points(base, parse_grid([f"{key}=0.01,0.001", "seed=0,1"]))
         assert [n for n, _ in points][:2] == ["ftg.gen_lr=0.01,seed=0", "ftg.gen_lr=0.01,seed=1"]
