@@ -169,7 +169,7 @@ def test_a_supernode_dying_mid_run_does_not_kill_the_run(federation, tmp_path):
         "--stream",
         "--run-config",
         f"clients=3 participation=1.0 rounds=4 local-epochs=1 method='fedavg' "
-        f"min-replies=2 round-timeout=20.0 node-wait=60.0 out='{out}'",
+        f"min-replies=2 round-timeout=60.0 node-wait=60.0 out='{out}'",
     ]
     runner = subprocess.Popen(
         cmd, env=fed.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

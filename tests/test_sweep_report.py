@@ -52,7 +52,7 @@ def test_grid_sweeps_section_settings_under_every_spelling(tmp_path):
 
 def test_report_makes_plug_in_settings_variants_of_the_methods_that_use_them(tmp_path):
     def ftg(**changes):
-        return {**RunConfig().to_dict()["ftg"], **changes}
+        return {**RunConfig().resolve().to_dict()["ftg"], **changes}
 
     # a plain method beside each point of an ftg grid is the same run: counted once
     for lr in (0.01, 0.001):
@@ -161,7 +161,8 @@ def _fake_run(path, method, seed, accs, before=None, **settings):
     """A finished run directory with a given accuracy curve (and pre-server accuracies);
     a setting given as None is left out of its config, as in runs older than the setting;
     a section setting is named with two underscores (``scaffold__reference``)."""
-    cfg = RunConfig(method=[method], seed=seed, rounds=len(accs), out=str(path)).to_dict()
+    cfg = RunConfig(method=[method], seed=seed, rounds=len(accs), out=str(path)).resolve()
+    cfg = cfg.to_dict()
     for key, value in settings.items():
         section, _, name = key.partition("__")
         table = cfg[section] if name else cfg

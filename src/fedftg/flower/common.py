@@ -32,7 +32,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     """
     cfg = apply_overrides(RunConfig(), run_config, where="run config: ").validate()
     check_given(cfg, given_keys(run_config))
-    return cfg
+    return cfg.resolve()
 
 
 def config_to_json(cfg: RunConfig) -> str:

@@ -62,8 +62,9 @@ def method_label(method: str, cfg: dict[str, Any]) -> str:
     so that variants of one method (the paper's ablations among them) share a setting, and
     its base method, with each other. A config saved before a setting existed reads it as
     the value that reproduces that time's behaviour."""
-    defaults = flatten_sections(RunConfig().to_dict())
     flat = saved_settings(cfg)
+    data = RunConfig(dataset=flat.get("dataset", "digits"), data_dir=flat.get("data_dir"))
+    defaults = flatten_sections(data.resolve().to_dict())  # nz follows the run's data
     extras = [
         f"{k}={flat[k]}"
         for k in defaults
