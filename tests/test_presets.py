@@ -4,6 +4,8 @@ variant and FedFTG's nz following the data."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -193,3 +195,15 @@ def test_fedprox_authors_variant_is_fedavg_with_mu_added_to_the_weight_decay():
     proximal = train({"fedprox.mu": 0.05}, 1e-3)
     torch.testing.assert_close(authors, fedavg_more_decay, rtol=0, atol=0)
     assert not torch.allclose(authors, proximal)
+
+
+def test_print_config_into_a_closed_pipe_is_not_a_traceback():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedftg.cli", "run", "--preset", "paper-cifar10", "--print-config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # as `| head` does once it has read enough
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
