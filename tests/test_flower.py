@@ -1,4 +1,5 @@
-"""Flower: the simulation equals the in-process simulator; malformed replies are rejected."""
+"""Flower: the simulation equals the in-process simulator (FedGen's client term included);
+malformed replies are rejected."""
 
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
         rounds=2,
         local_epochs=1,
         seed=5,
-        method=["fedavg+ftg", "scaffold"],
+        method=["fedavg+ftg", "scaffold", "fedgen"],
     )
     cfg = RunConfig(out=str(tmp_path / "flower"), **common).validate()
     cfg.ftg.iterations = 2
+    cfg.fedgen.ensemble_epochs = 5  # FedGen's generator travels to the clients in round 2
     run_simulation(
         build_server_app(cfg, node_wait=30),
         client_app,
@@ -61,9 +63,11 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
             "--seed",
             "5",
             "--method",
-            "fedavg+ftg,scaffold",
+            "fedavg+ftg,scaffold,fedgen",
             "--ftg-iterations",
             "2",
+            "--fedgen-ensemble-epochs",
+            "5",
             "--out",
             str(tmp_path / "local"),
             "--quiet",

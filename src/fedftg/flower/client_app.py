@@ -20,6 +20,7 @@ from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
 from fedftg.engine.checkpoint import config_fingerprint
 from fedftg.engine.simulation import (
+    client_half,
     client_method,
     label_histogram,
     local_spec,
@@ -113,7 +114,15 @@ def train(msg: Message, context: Context) -> Message:
         num_clients=cfg.clients,
     )
     gen = torch_rng(cfg.seed, "local", t, pid, device=device)
-    result = train_local(model, data.train, data.indices, method, ctx, local_spec(cfg, ds, t), gen)
+    spec = local_spec(cfg, ds, t)
+    term = None
+    if "plugin" in msg.content:  # a plug-in with a client half (FedGen): its loss term
+        half = client_half(cfg, str(msg.content["config"]["plugin"]), ds, device)
+        exact = label_histogram(data.train.y[data.indices], ds.num_classes)
+        rng = torch_rng(cfg.seed, "plugin-local", t, pid, device=device)
+        payload = from_record(msg.content["plugin"], device)
+        term = half.term(model, payload, exact, t, spec, rng)  # type: ignore[union-attr]
+    result = train_local(model, data.train, data.indices, method, ctx, spec, gen, term)
     context.state[state_key] = to_record(ctx.client_state)
     metrics = MetricRecord(
         {

@@ -61,12 +61,17 @@ class FedFTGStrategy(Strategy):
             {"round": t, "run": config_to_json(cfg), "base": self.base, "method": self.method_name}
         )
         server_state = to_record(self.runner.state.server_state)
+        payload = self.runner.client_payload()  # the plug-in's client half's input (FedGen)
+        extra = {"plugin": to_record(payload)} if self.runner.client_half is not None else {}
+        run_config["plugin"] = self.runner.plugin_name or ""
         messages = []
         for k in map(int, selected):
             if k not in self.node_of:
                 log.warning("round %d: partition %d has no node; skipped", server_round, k)
                 continue
-            content = RecordDict({"global": arrays, "server": server_state, "config": run_config})
+            content = RecordDict(
+                {"global": arrays, "server": server_state, "config": run_config, **extra}
+            )
             messages.append(
                 Message(content=content, message_type="train", dst_node_id=self.node_of[k])
             )
