@@ -3,7 +3,9 @@
 Message layout (RecordDict keys):
 - server -> client (train): ``global`` (ArrayRecord: the global model state), ``server``
   (ArrayRecord: the method's server state, e.g. SCAFFOLD's c), ``config`` (ConfigRecord:
-  ``round`` and ``run`` = the fully resolved RunConfig as JSON).
+  ``round``, ``run`` = the fully resolved RunConfig as JSON, ``base``, ``method`` and
+  ``plugin``, the server plug-in's name or ""), and for a plug-in with a client half
+  (FedGen) ``plugin`` (ArrayRecord: its client payload, e.g. the generator and known labels).
 - client -> server (train): ``model`` (ArrayRecord), ``upload`` (ArrayRecord: method
   extras, e.g. SCAFFOLD's change of c_k), ``metrics`` (MetricRecord: ``num-examples``,
   ``loss``, ``steps``, ``partition-id`` and ``histogram``, the client's label counts).
