@@ -386,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return ns.func(ns)
+        status = ns.func(ns)
+        sys.stdout.flush()  # inside the try: a reader that went away is not an error
+        return status
     except UserError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
