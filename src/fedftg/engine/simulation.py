@@ -242,6 +242,24 @@ def client_half(
     return factory(cfg.sections[name], plugin_env(cfg, ds, device))
 
 
+def plugin_term(
+    half: ClientHalf,
+    model: nn.Module,
+    payload: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    num_classes: int,
+    cfg: RunConfig,
+    round_idx: int,
+    client: int,
+    spec: LocalSpec,
+) -> Term | None:
+    """Client ``client``'s loss term from a plug-in's client half, from its exact label
+    counts and its own random stream: one place, so that both engines draw the same."""
+    exact = label_histogram(labels, num_classes)
+    rng = torch_rng(cfg.seed, "plugin-local", round_idx, client, device=labels.device)
+    return half.term(model, payload, exact, round_idx, spec, rng)
+
+
 def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
     """Local hyper-parameters of round ``round_idx`` (0-based), with the decayed lr."""
     if cfg.augment == "auto":
@@ -476,9 +494,18 @@ class MethodRunner(ServerRunner):
         """Client ``client``'s term from the plug-in's client half (None without one)."""
         if self.client_half is None:
             return None
-        exact = label_histogram(labels, self.setup.dataset.num_classes)
-        rng = torch_rng(self.cfg.seed, "plugin-local", round_idx, client, device=self.device)
-        return self.client_half.term(self.model, payload, exact, round_idx, spec, rng)
+        num_classes = self.setup.dataset.num_classes
+        return plugin_term(
+            self.client_half,
+            self.model,
+            payload,
+            labels,
+            num_classes,
+            self.cfg,
+            round_idx,
+            client,
+            spec,
+        )
 
     def _vectorise_clients(self) -> bool:
         """Whether the round's clients train together (`train_local_vmap`) or in turn.

@@ -24,6 +24,7 @@ from fedftg.engine.simulation import (
     client_method,
     label_histogram,
     local_spec,
+    plugin_term,
     resolve_device,
     split_clients,
 )
@@ -118,10 +119,10 @@ def train(msg: Message, context: Context) -> Message:
     term = None
     if "plugin" in msg.content:  # a plug-in with a client half (FedGen): its loss term
         half = client_half(cfg, str(msg.content["config"]["plugin"]), ds, device)
-        exact = label_histogram(data.train.y[data.indices], ds.num_classes)
-        rng = torch_rng(cfg.seed, "plugin-local", t, pid, device=device)
         payload = from_record(msg.content["plugin"], device)
-        term = half.term(model, payload, exact, t, spec, rng)  # type: ignore[union-attr]
+        labels = data.train.y[data.indices]
+        classes = ds.num_classes
+        term = plugin_term(half, model, payload, labels, classes, cfg, t, pid, spec)  # type: ignore[arg-type]
     result = train_local(model, data.train, data.indices, method, ctx, spec, gen, term)
     context.state[state_key] = to_record(ctx.client_state)
     metrics = MetricRecord(

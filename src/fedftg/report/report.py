@@ -7,6 +7,7 @@ and a curve with a shaded spread. Output: report.md linking PNG figures.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections import defaultdict
@@ -56,6 +57,13 @@ def _setting_key(cfg: dict[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
+@functools.cache
+def _defaults(dataset: str, data_dir: str | None) -> dict[str, Any]:
+    """Every setting's default, flat, resolved for the data (nz follows its classes); once
+    per dataset, as resolving may read an image folder's class list."""
+    return flatten_sections(RunConfig(dataset=dataset, data_dir=data_dir).resolve().to_dict())
+
+
 def method_label(method: str, cfg: dict[str, Any]) -> str:
     """The method's name in tables: with the settings only it reads, where not at their
     default (``scaffold+ftg (scaffold.reference=sent)``, ``fedftg (ftg.ensemble=uniform)``),
@@ -63,8 +71,7 @@ def method_label(method: str, cfg: dict[str, Any]) -> str:
     its base method, with each other. A config saved before a setting existed reads it as
     the value that reproduces that time's behaviour."""
     flat = saved_settings(cfg)
-    data = RunConfig(dataset=flat.get("dataset", "digits"), data_dir=flat.get("data_dir"))
-    defaults = flatten_sections(data.resolve().to_dict())  # nz follows the run's data
+    defaults = _defaults(flat["dataset"], flat["data_dir"])
     extras = [
         f"{k}={flat[k]}"
         for k in defaults
