@@ -52,8 +52,8 @@ PAPER_METHODS = {
     [
         ("paper-cifar10", "cifar10", 100, 100, 1000),
         ("paper-cifar100", "cifar100", 256, 100, 1000),
-        ("paper-cifar10-cpu", "cifar10", 100, 40, 20),
-        ("paper-cifar100-cpu", "cifar100", 256, 40, 20),
+        ("paper-cifar10-cpu", "cifar10", 100, 40, 12),
+        ("paper-cifar100-cpu", "cifar100", 256, 40, 12),
     ],
 )
 def test_shipped_presets_resolve_to_the_authors_protocol(name, dataset, nz, clients, rounds):
