@@ -374,14 +374,10 @@ def test_wrapper_runs_and_learns_around_flower_strategies(example, inner):
 # -------------------------------------------------------- the example under `flwr run`
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
+def _free_port() -> int:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -401,7 +397,7 @@ def test_example_app_runs_two_rounds_with_flwr_run_in_simulation(tmp_path):
         pytest.skip("flwr is not on PATH")
     home = tmp_path / "flwr-home"
     home.mkdir()
-    port, control = _free_ports(2)
+    port = _free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
         "insecure = true\n"
@@ -415,17 +411,17 @@ def test_example_app_runs_two_rounds_with_flwr_run_in_simulation(tmp_path):
     log = (tmp_path / "superlink.log").open("w")
     link = subprocess.Popen(
         ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-         "--host", "127.0.0.1", "--port", str(port),
-         "--control-api-address", f"127.0.0.1:{control}"],
+         "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         _wait_port(port, link)
         model = tmp_path / "model.pt"
+        overrides = f"num-server-rounds=2 local-epochs=1 ftg-iterations=2 model-path='{model}'"
         run = subprocess.run(
             [flwr, "run", str(EXAMPLE), "sim", "--stream",
              "--federation-config", "num-supernodes=3",
-             "--run-config", f"num-server-rounds=2 ftg-iterations=2 model-path='{model}'"],
+             "--run-config", overrides],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     finally:
@@ -435,9 +431,11 @@ def test_example_app_runs_two_rounds_with_flwr_run_in_simulation(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(link.pid, signal.SIGKILL)
             link.wait(timeout=15)
+        log.close()
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]
-    assert "[ROUND 2/2]" in output and "ftg-loss-gen" in output, output[-3000:]
+    assert "[ROUND 2/2]" in output, output[-3000:]
+    assert "ftg-loss-gen" in output and "ftg-after-accuracy" in output, output[-3000:]
     state = torch.load(model, weights_only=True)
     assert set(state) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
                           "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # fmt: skip
