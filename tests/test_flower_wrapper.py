@@ -294,6 +294,8 @@ def test_mod_attaches_the_histogram_to_train_replies_only(epsilon):
 def test_noised_histogram_needs_a_seed_and_labels_in_range():
     with pytest.raises(UserError, match="seed"):
         label_histogram_mod(lambda ctx: [0], 10, epsilon=1.0)
+    with pytest.raises(UserError, match="epsilon"):
+        label_histogram_mod(lambda ctx: [0], 10, epsilon=float("nan"), seed=1)
     with pytest.raises(UserError, match="labels"):
         add_label_histogram(RecordDict(), [0, 10], 10)
 

@@ -294,9 +294,10 @@ class FTGStrategy(Strategy):
         self.model.load_state_dict({k: v.to(dev) for k, v in arrays.to_torch_state_dict().items()})
         if self.evaluate_fn is not None:
             self._evaluate(server_round, arrays, f"{prefix}-before", metrics)
+        like = self.model.state_dict()  # the teachers in the model's dtypes (a float64 upload)
         states = [
-            {k: v.to(dev) for k, v in record.to_torch_state_dict().items()}
-            for _, record, _ in teachers
+            {k: v.to(device=dev, dtype=like[k].dtype) for k, v in rec.to_torch_state_dict().items()}
+            for _, rec, _ in teachers
         ]
         counts = np.stack([h for _, _, h in teachers])
         stack = StackedModels(self.model, states)

@@ -12,6 +12,7 @@ on the clients: a server that knows it can subtract the noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +42,7 @@ def add_label_histogram(
 
     ``epsilon > 0`` adds Laplace noise keyed by ``seed`` (required then, private to the
     clients) and ``client`` (this client's id, e.g. its partition id)."""
-    if not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise UserError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
-    if epsilon > 0 and seed is None:
-        raise UserError("seed: a noised histogram needs a seed the clients keep to themselves")
+    _check_noise(epsilon, seed)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         low, high = int(y.min()), int(y.max())
@@ -68,8 +66,7 @@ def label_histogram_mod(
     ``node_config["partition-id"]``, else the node id. Use it as
     ``ClientApp(mods=[label_histogram_mod(...)])`` or ``@app.train(mods=[...])``.
     """
-    if epsilon > 0 and seed is None:
-        raise UserError("seed: a noised histogram needs a seed the clients keep to themselves")
+    _check_noise(epsilon, seed)
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
@@ -82,3 +79,13 @@ def label_histogram_mod(
         return reply
 
     return mod
+
+
+def _check_noise(epsilon: float, seed: int | None) -> None:
+    """The Laplace settings are a finite ``epsilon >= 0`` and, for noise, a seed."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise UserError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise UserError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+    if epsilon > 0 and seed is None:
+        raise UserError("seed: a noised histogram needs a seed the clients keep to themselves")
