@@ -260,6 +260,22 @@ def plugin_term(
     return half.term(model, payload, exact, round_idx, spec, rng)
 
 
+def plugin_step(
+    plugin: ServerPlugin,
+    student: nn.Module,
+    teachers: Teachers,
+    counts: np.ndarray,
+    seed: int,
+    round_idx: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Round ``round_idx``'s (0-based) server plug-in step on ``student``, from the server's
+    random stream of that round on ``device``: one place, so that the engines and the
+    Flower wrapper (`fedftg.flower.ftg`) draw the same."""
+    gen = torch_rng(seed, "server", round_idx, device=device)
+    return plugin.step(student, teachers, counts, round_idx, gen)
+
+
 def local_spec(cfg: RunConfig, ds: Dataset, round_idx: int) -> LocalSpec:
     """Local hyper-parameters of round ``round_idx`` (0-based), with the decayed lr."""
     if cfg.augment == "auto":
@@ -336,8 +352,9 @@ class ServerRunner:
                 record["acc_before_server"] = acc0
             server_start = time.perf_counter()
             teachers = self._teacher_models(results)
-            gen = torch_rng(cfg.seed, "server", t, device=self.device)
-            metrics = self.plugin.step(self.model, teachers, counts, t, gen)
+            metrics = plugin_step(
+                self.plugin, self.model, teachers, counts, cfg.seed, t, self.device
+            )
             record["server_s"] = time.perf_counter() - server_start
             record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
             if fine_tunes:

@@ -1,1 +1,18 @@
-"""fedftg on Flower: a ClientApp, a ServerApp and the FedFTGStrategy (needs `fedftg[flower]`)."""
+"""fedftg on Flower (needs `fedftg[flower]`).
+
+For your own Flower app: `FTGStrategy` wraps a Flower strategy (FedAvg, FedProx, FedAdam,
+...) and runs FedFTG's server step after its aggregation; `label_histogram_mod` makes a
+ClientApp send the label counts the step needs (docs/flower.md). fedftg's own ClientApp,
+ServerApp and `FedFTGStrategy` live in `client_app`, `server_app` and `strategy`.
+"""
+
+from fedftg.flower.ftg import FTGStrategy, plugin_settings, run_config_settings
+from fedftg.flower.mods import add_label_histogram, label_histogram_mod
+
+__all__ = [
+    "FTGStrategy",
+    "add_label_histogram",
+    "label_histogram_mod",
+    "plugin_settings",
+    "run_config_settings",
+]
