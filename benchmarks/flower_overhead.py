@@ -3,7 +3,9 @@
 Runs the same config (same seed, clients, rounds) both ways in one invocation: in-process,
 then `flwr run flower-app` on a local SuperLink in simulation mode (started here on a free
 port with a temporary FLWR_HOME, by tests/flower_federation.py, and stopped at the end).
-Prints one JSON object: wall-clock of each (with and without start-up), and their ratio.
+Both engines train with one thread per process (the Flower processes get OMP_NUM_THREADS=1;
+two threads per process on a busy 2-core machine stall on each other). Prints one JSON
+object: wall-clock of each (with and without start-up), and their ratio.
 Usage: python benchmarks/flower_overhead.py [--rounds 5] [--clients 5] [--method fedavg]
 """
 
@@ -15,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from fedftg.config import RunConfig
 from fedftg.engine.run import run_experiment
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--method", default="fedavg")
     parser.add_argument("--local-epochs", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as in the Flower processes
     tmp = Path(tempfile.mkdtemp())
 
     def config(out: str) -> RunConfig:
