@@ -1,9 +1,14 @@
-"""Flower: the simulation equals the in-process simulator (FedGen's client term included);
-malformed replies are rejected."""
+"""Flower, driven by `flwr run` on a local simulation SuperLink: it equals the in-process
+simulator (FedGen's client term included) and resumes; malformed replies are rejected; a
+bad setting ends the run as failed with one `error:` line."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,65 +19,67 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, MetricRecord, RecordDict  # noqa: E402
 
 from fedftg.cli import main  # noqa: E402
-from fedftg.config import RunConfig  # noqa: E402
+from fedftg.config import RunConfig, load_config_file  # noqa: E402
 from fedftg.data.batches import DeviceArrays  # noqa: E402
 from fedftg.data.sources import load_dataset  # noqa: E402
 from fedftg.engine.simulation import ServerRunner, initial_state  # noqa: E402
 from fedftg.flower.common import config_from_run_config, from_record, to_record  # noqa: E402
+from fedftg.flower.server_app import FLOWER_KEYS  # noqa: E402
 from fedftg.flower.strategy import FedFTGStrategy  # noqa: E402
+from flower_federation import APP, available, running  # noqa: E402
 
 
 def _records(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_flower_simulation_equals_in_process_simulator(tmp_path, capsys):
-    from flwr.simulation import run_simulation
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    """A SuperLink in simulation mode (3 simulated SuperNodes per `flwr run` by default)."""
+    if not available():
+        pytest.skip("flower-superlink is not installed")
+    with running(tmp_path_factory.mktemp("flower"), nodes=3, simulation=True) as fed:
+        yield fed
 
-    from fedftg.flower.client_app import app as client_app
-    from fedftg.flower.server_app import build_server_app
 
-    common = dict(
-        clients=3,
-        participation=1.0,
-        rounds=2,
-        local_epochs=1,
-        seed=5,
-        method=["fedavg+ftg", "scaffold", "fedgen"],
-    )
-    cfg = RunConfig(out=str(tmp_path / "flower"), **common).validate()
-    cfg.ftg.iterations = 2
-    cfg.fedgen.ensemble_epochs = 5  # FedGen's generator travels to the clients in round 2
-    run_simulation(
-        build_server_app(cfg, node_wait=30),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}},
-    )
-    main(
-        [
-            "run",
-            "--clients",
-            "3",
-            "--participation",
-            "1",
-            "--rounds",
-            "2",
-            "--local-epochs",
-            "1",
-            "--seed",
-            "5",
-            "--method",
-            "fedavg+ftg,scaffold,fedgen",
-            "--ftg-iterations",
-            "2",
-            "--fedgen-ensemble-epochs",
-            "5",
-            "--out",
-            str(tmp_path / "local"),
-            "--quiet",
-        ]
-    )
+def _app_config() -> dict:
+    """The app's ``[tool.flwr.app.config]``: every key `--run-config` may override."""
+    return load_config_file(APP / "pyproject.toml")["tool"]["flwr"]["app"]["config"]
+
+
+def _toml(value) -> str:
+    return json.dumps(value)  # str, bool, int and float are written alike in TOML
+
+
+def _run_config(settings: dict) -> str:
+    """Settings as `flwr run --run-config` text."""
+    return " ".join(f"{k}={_toml(v)}" for k, v in settings.items())
+
+
+def _flwr_run(fed, settings: dict, nodes: int, status: str = "finished:completed") -> str:
+    """`flwr run` the app with ``settings``; check Flower's status of the run; its log."""
+    proc = fed.run(_run_config(settings), nodes=nodes)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]  # flwr 1.42 returns 0 even for failed runs
+    assert fed.status(proc.stdout)["status"] == status, output[-3000:]
+    return output
+
+
+def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, capsys):
+    common = {
+        "clients": 3,
+        "participation": 1.0,
+        "rounds": 2,
+        "local-epochs": 1,
+        "seed": 5,
+        "method": "fedavg+ftg,scaffold,fedgen",
+        "ftg-iterations": 2,
+        "fedgen-ensemble-epochs": 5,  # FedGen's generator travels to the clients in round 2
+    }
+    flower = {**common, "node-wait": 30.0, "out": str(tmp_path / "flower")}
+    _flwr_run(simulation, flower, nodes=3)
+    flags = [x for k, v in common.items() for x in (f"--{k}", str(v))]
+    main(["run", *flags, "--out", str(tmp_path / "local"), "--quiet"])
     capsys.readouterr()
     fl, lo = (
         _records(tmp_path / "flower" / "metrics.jsonl"),
@@ -199,41 +206,129 @@ def test_run_config_maps_onto_the_cli_config():
     assert np.isfinite(cfg.alpha)
 
 
-def test_flower_server_resumes_from_its_checkpoint(tmp_path):
+def test_flower_app_defaults_are_the_cli_defaults():
+    """The in-process comparisons above rely on it: only rounds, method and out differ."""
+    settings = {k: v for k, v in _app_config().items() if k not in FLOWER_KEYS}
+    flower = config_from_run_config(settings).to_dict()
+    cli = RunConfig().validate().resolve().to_dict()
+    differ = {k for k in flower.keys() | cli.keys() if flower.get(k) != cli.get(k)}
+    assert differ == {"rounds", "method", "out"}
+
+
+def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):
     import shutil
 
-    from flwr.simulation import run_simulation
-
-    from fedftg.flower.client_app import app as client_app
-    from fedftg.flower.server_app import build_server_app
-
-    def simulate(out, resume):
-        cfg = RunConfig(
-            clients=2,
-            participation=1.0,
-            rounds=3,
-            local_epochs=1,
-            seed=2,
-            method=["fedavg+ftg"],
-            out=str(out),
-        ).validate()
-        cfg.ftg.iterations = 2
-        run_simulation(
-            build_server_app(cfg, node_wait=30, resume=resume),
-            client_app,
-            num_supernodes=2,
-            backend_config={"client_resources": {"num_cpus": 1}},
-        )
+    def simulate(out, resume, seed=2, status="finished:completed"):
+        settings = {
+            "clients": 2,
+            "participation": 1.0,
+            "rounds": 2,
+            "local-epochs": 1,
+            "seed": seed,
+            "method": "fedavg+ftg",
+            "ftg-iterations": 2,
+            "node-wait": 30.0,
+            "out": str(out),
+            "resume": resume,
+        }
+        return _flwr_run(simulation, settings, nodes=2, status=status)
 
     full = tmp_path / "full"
     simulate(full, resume=False)
-    crashed = tmp_path / "crashed"  # as if the server died after round 2
+    crashed = tmp_path / "crashed"  # as if the server died after round 1
     crashed.mkdir()
     shutil.copyfile(full / "checkpoint.pt.prev", crashed / "checkpoint.pt")
     shutil.copyfile(full / "metrics.jsonl", crashed / "metrics.jsonl")
     simulate(crashed, resume=True)
     a, b = _records(full / "metrics.jsonl"), _records(crashed / "metrics.jsonl")
-    assert [r["round"] for r in b] == [1, 2, 3]
-    assert b[:2] == a[:2]  # kept from before the crash
-    assert b[2]["test_loss"] == pytest.approx(a[2]["test_loss"], rel=1e-4)
-    assert b[2]["ftg_loss_gen"] == pytest.approx(a[2]["ftg_loss_gen"], rel=1e-3)
+    assert [r["round"] for r in b] == [1, 2]
+    assert b[:1] == a[:1]  # kept from before the crash
+    assert b[1]["test_loss"] == pytest.approx(a[1]["test_loss"], rel=1e-4)
+    assert b[1]["ftg_loss_gen"] == pytest.approx(a[1]["ftg_loss_gen"], rel=1e-3)
+
+    # a checkpoint written with other settings: one error line, a failed run, no traceback
+    output = simulate(crashed, resume=True, seed=3, status="finished:failed")
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert len(errors) == 1, output[-3000:]  # the wording is run_federation's
+    assert "Traceback" not in output
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(logging.Formatter().format(record).splitlines())
+
+
+@pytest.fixture
+def flwr_log():
+    """The lines logged on Flower's logger (formatted as Flower's handlers would)."""
+    handler = _Records()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"alpha": -1.0}, "alpha"),
+        ({"resume": "yes"}, "resume"),
+        ({"min-replies": 0}, "min-replies"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_run_config_is_one_error_line_and_a_failed_app(flwr_log, change, reason):
+    from flwr.app import Context
+
+    from fedftg.flower.common import ReportedError
+    from fedftg.flower.server_app import main as server_main
+
+    run_config = {**_app_config(), **change}
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    with pytest.raises(ReportedError, match=reason) as caught:
+        server_main(None, context)  # fails before it talks to any node
+    assert [line for line in flwr_log if line.startswith("error: ")] == [f"error: {caught.value}"]
+    # what Flower does with an exception leaving the ServerApp: no traceback follows
+    logging.getLogger("flwr").error("ServerApp raised an exception", exc_info=caught.value)
+    assert flwr_log[-1] == "ServerApp raised an exception"
+    assert not any("Traceback" in line for line in flwr_log)
+
+
+def test_node_without_partition_id_is_one_error_line(flwr_log):
+    from flwr.app import Context
+
+    from fedftg.flower.client_app import query
+    from fedftg.flower.common import ReportedError
+
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ReportedError, match="partition-id"):
+        query(None, context)
+    assert len([line for line in flwr_log if line.startswith("error: ")]) == 1
+
+
+def test_the_documented_flower_config_step_can_run_twice(tmp_path):
+    """docs/usage.md's step that adds the `deploy` connection keeps config.toml valid."""
+    import re
+    import subprocess
+
+    usage = (APP.parent / "docs" / "usage.md").read_text()
+    step = re.search(r"^flwr config list.*?^TOML$", usage, re.S | re.M)
+    assert step is not None, "the config step is no longer in docs/usage.md"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for _ in range(2):
+        proc = subprocess.run(
+            ["bash", "-euc", step.group(0)], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "home" / "config.toml").read_text()
+    assert text.count("[superlink.deploy]") == 1
+    superlink = load_config_file(tmp_path / "home" / "config.toml")["superlink"]
+    assert superlink["deploy"] == {"address": "127.0.0.1:9093", "insecure": True}
+    assert superlink["default"] == "local" and "local" in superlink  # Flower's own kept

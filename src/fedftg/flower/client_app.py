@@ -9,6 +9,7 @@ model) lives in the node's Context state between rounds. The training code is th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,19 @@ from fedftg.engine.simulation import (
     resolve_device,
     split_clients,
 )
-from fedftg.flower.common import CLIENT_STATE_KEY, config_from_json, from_record, to_record
+from fedftg.errors import UserError
+from fedftg.flower.common import (
+    CLIENT_STATE_KEY,
+    config_from_json,
+    from_record,
+    report_user_errors,
+    to_record,
+)
 from fedftg.methods.client import LocalContext, train_local
 from fedftg.models import build_model
 from fedftg.seeding import torch_rng
+
+log = logging.getLogger("flwr")
 
 app = ClientApp()
 
@@ -66,7 +76,10 @@ def node_data(cfg: RunConfig, pid: int) -> NodeData:
             _DATASETS[key] = (ds, split_clients(cfg, ds))
         ds, part = _DATASETS[key]
         if not 0 <= pid < cfg.clients:
-            raise ValueError(f"partition-id {pid} outside 0..{cfg.clients - 1}")
+            raise UserError(
+                f"node config: partition-id {pid} is outside 0..{cfg.clients - 1} "
+                f"(the run has {cfg.clients} clients)"
+            )
         own = part.client_indices[pid]
         device = resolve_device(cfg.device)
         train = DeviceArrays(ds.train_x[own], ds.train_y[own], ds.mean, ds.std, device)
@@ -78,22 +91,42 @@ def node_data(cfg: RunConfig, pid: int) -> NodeData:
 
 
 def partition_id(context: Context) -> int:
-    """This node's partition id from its node config."""
-    if "partition-id" not in context.node_config:
-        raise ValueError("node config has no 'partition-id' (flower-supernode --node-config)")
-    return int(context.node_config["partition-id"])
+    """This node's partition id from its node config (a `UserError` if missing or bad)."""
+    value = context.node_config.get("partition-id")
+    if value is None:
+        raise UserError(
+            "node config has no partition-id "
+            '(flower-supernode --node-config "partition-id=K num-partitions=N")'
+        )
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise UserError(f"node config: partition-id must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds."""
+    with report_user_errors(log):
+        return _query(msg, context)
+
+
+def _query(msg: Message, context: Context) -> Message:
     content = RecordDict({"info": ConfigRecord({"partition-id": partition_id(context)})})
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training from the received global model."""
+    """One round of local training from the received global model.
+
+    A bad node config ends this reply with one logged ``error:`` line (the server logs
+    the node as not answering), not a traceback.
+    """
+    with report_user_errors(log):
+        return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = config_from_json(str(msg.content["config"]["run"]))
     t = int(msg.content["config"]["round"])
     base = str(msg.content["config"]["base"])

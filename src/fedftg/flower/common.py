@@ -14,12 +14,16 @@ Message layout (RecordDict keys):
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
 from fedftg.config import RunConfig, apply_overrides, check_given, config_from_dict, given_keys
+from fedftg.errors import UserError
 
 CLIENT_STATE_KEY = "fedftg-client-state"
 
@@ -35,6 +39,44 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     cfg = apply_overrides(RunConfig(), run_config, where="run config: ").validate()
     check_given(cfg, given_keys(run_config))
     return cfg.resolve()
+
+
+class ReportedError(UserError):
+    """A `UserError` already logged as one ``error:`` line; Flower logs it without traceback."""
+
+
+class _ReportedWithoutTraceback(logging.Filter):
+    """Drop the traceback Flower attaches when it logs a `ReportedError` (flwr 1.42 logs
+    every exception leaving a ServerApp or ClientApp with ``exc_info``); its one-line
+    record ("ServerApp raised an exception") and the run's failed status stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ReportedError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_FILTER = _ReportedWithoutTraceback()
+
+
+@contextmanager
+def report_user_errors(logger: logging.Logger) -> Iterator[None]:
+    """A `UserError` inside becomes one ``error:`` line on ``logger`` and a failed app.
+
+    The error is re-raised as a `ReportedError`, so Flower still ends the app as failed
+    (run status ``finished:failed`` with the message as its details, a non-zero exit of
+    the ServerApp process), without printing a traceback.
+    """
+    try:
+        yield
+    except ReportedError:
+        raise
+    except UserError as err:
+        flwr_logger = logging.getLogger("flwr")
+        if _FILTER not in flwr_logger.filters:
+            flwr_logger.addFilter(_FILTER)
+        logger.error("error: %s", err)
+        raise ReportedError(str(err)) from None
 
 
 def config_to_json(cfg: RunConfig) -> str:

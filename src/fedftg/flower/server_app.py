@@ -32,7 +32,7 @@ from fedftg.engine.run import (
 )
 from fedftg.engine.simulation import ServerRunner, initial_state, output_paths, resolve_device
 from fedftg.errors import UserError
-from fedftg.flower.common import config_from_run_config, to_record
+from fedftg.flower.common import config_from_run_config, report_user_errors, to_record
 from fedftg.flower.strategy import FedFTGStrategy
 from fedftg.report.files import MetricsLog, read_metrics, write_json
 from fedftg.report.plots import plot_curves
@@ -46,18 +46,36 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of `flwr run`: read the run config and run every requested method."""
-    run_config = dict(context.run_config)
-    options = {k: run_config.pop(k, v) for k, v in FLOWER_KEYS.items()}
-    cfg = config_from_run_config(run_config)
-    run_federation(
-        grid,
-        cfg,
-        min_replies=int(options["min-replies"]),
-        round_timeout=float(options["round-timeout"]),
-        node_wait=float(options["node-wait"]),
-        resume=bool(options["resume"]),
-    )
+    """Entry point of `flwr run`: read the run config and run every requested method.
+
+    A bad setting (or a refused resume) ends the app with one logged ``error:`` line and
+    a failed run (`flwr list --run-id N` shows ``finished:failed``), not a traceback.
+    """
+    with report_user_errors(log):
+        run_config = dict(context.run_config)
+        options = {k: _flower_option(k, run_config.pop(k, v)) for k, v in FLOWER_KEYS.items()}
+        cfg = config_from_run_config(run_config)
+        run_federation(
+            grid,
+            cfg,
+            min_replies=int(options["min-replies"]),
+            round_timeout=float(options["round-timeout"]),
+            node_wait=float(options["node-wait"]),
+            resume=bool(options["resume"]),
+        )
+
+
+def _flower_option(key: str, value: Any) -> Any:
+    """A Flower-only setting, checked: a bool for ``resume``, else a positive number."""
+    default = FLOWER_KEYS[key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if not ok:
+        what = "true or false" if isinstance(default, bool) else "a number > 0"
+        raise UserError(f"run config: {key}: must be {what}, got {value!r}")
+    return value
 
 
 def build_server_app(cfg: RunConfig, **options: Any) -> ServerApp:
