@@ -17,8 +17,18 @@ from fedftg.engine.checkpoint import read_checkpoint
 from fedftg.errors import UserError
 from fedftg.report.files import atomic_write
 
-FAST = ["--clients", "4", "--local-epochs", "1", "--participation", "1"]
-TWO = ["--method", "fedavg,fedftg", "--ftg-iterations", "1"]
+FAST = [
+    "--clients",
+    "4",
+    "--local-epochs",
+    "1",
+    "--participation",
+    "1",
+    "--samples-per-client",
+    "40",
+]
+FTG = ["--ftg-iterations", "1", "--ftg-student-steps", "1", "--ftg-batch-size", "16"]
+TWO = ["--method", "fedavg,fedftg", *FTG]
 TIMING = {"round_s", "elapsed_s", "server_s", "wall_s"}
 
 
@@ -104,13 +114,13 @@ def test_resume_with_more_rounds_extends_a_finished_run_exactly(finished, tmp_pa
 
 
 def test_a_finished_run_keeps_a_small_checkpoint_unless_asked(tmp_path, capsys):
-    args = ["--method", "fedavg,scaffold", "--rounds", "1"]
+    args = ["--method", "scaffold", "--rounds", "1"]
     small, full = tmp_path / "small", tmp_path / "full"
     assert _run(capsys, *args, "--out", str(small))[0] == 0
     assert _run(capsys, *args, "--keep-checkpoint", "--out", str(full))[0] == 0
     assert not (small / "checkpoint.pt.prev").exists()
     saved = read_checkpoint(small / "checkpoint.pt")
-    assert saved["state"] is None and set(saved["final"]) == {"fedavg", "scaffold"}
+    assert saved["state"] is None and set(saved["final"]) == {"scaffold"}
     assert all(s["client_states"] == {} for s in saved["final"].values())
     assert saved["final"]["scaffold"]["client_states_dropped"]
     kept = read_checkpoint(full / "checkpoint.pt")
@@ -199,28 +209,22 @@ def test_the_flower_server_refuses_a_directory_of_other_settings(finished, tmp_p
 
 
 def test_both_engines_write_the_same_files(tmp_path, capsys):
-    deploy = pytest.importorskip("test_flower_deploy")
+    deploy = pytest.importorskip("test_flower_deploy")  # its SuperLink + SuperNodes
+    flower, local = tmp_path / "flower", tmp_path / "local"
     fed = deploy.Federation(tmp_path, 2)
     try:
         fed.start()
-        flower = tmp_path / "flower"
         proc = fed.run(
-            "clients=2 participation=1.0 rounds=1 local-epochs=1 method='fedavg,fedftg' "
-            f"ftg-iterations=1 node-wait=60.0 out='{flower}'"
+            "clients=2 participation=1.0 rounds=1 local-epochs=1 method='fedftg' "
+            "ftg-iterations=1 ftg-student-steps=1 "
+            f"node-wait=60.0 out='{flower}'"
         )
     finally:
         fed.stop()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    local = tmp_path / "local"
     args = ["--clients", "2", "--local-epochs", "1", "--participation", "1"]
-    code = main(
-        ["run", *args, *TWO, "--rounds", "1", "--quiet"]
-        + [
-            "--out",
-            str(local),
-        ]
-    )
-    assert code == 0
+    args += ["--method", "fedftg", "--ftg-iterations", "1", "--ftg-student-steps", "1"]
+    assert main(["run", *args, "--rounds", "1", "--quiet", "--out", str(local)]) == 0
     names = sorted(p.name for p in local.iterdir())
     assert names == sorted(p.name for p in flower.iterdir())
     assert {"partition.png", "samples.png", "checkpoint.pt", "summary.json"} <= set(names)
