@@ -68,11 +68,11 @@ def run_experiment(
     stream = stream or sys.stdout
     if verbosity == 0:
         progress = False
+    setup = prepare(cfg)  # bad input (data, sizes) is reported before the directory
     run = RunDir.open(
         cfg, engine="in-process", fresh=fresh, resume=resume, keep_checkpoint=keep_checkpoint
     )
     cfg = run.cfg
-    setup = prepare(cfg)
     board = TensorBoard(run.path / "tensorboard") if tensorboard else None
     run.start(setup.partition, setup.dataset)
     methods: dict[str, Any] = {}
