@@ -151,6 +151,24 @@ def test_an_unwritable_out_is_one_error_line(tmp_path, capsys):
         assert str(target) in err
 
 
+def test_a_write_failing_mid_run_is_one_error_line(tmp_path, capsys, monkeypatch):
+    replace = os.replace
+
+    def no_prev(src, dst):  # as if the directory became read-only after round 1
+        if str(dst).endswith(".prev"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_prev)
+    out = tmp_path / "run"
+    code, err = _run(capsys, "--method", "fedavg", "--rounds", "2", "--out", str(out))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {out / 'checkpoint.pt.prev'}: cannot write")
+    monkeypatch.setattr(os, "replace", replace)
+    assert _run(capsys, "--method", "fedavg", "--rounds", "2", "--out", str(out))[0] == 0
+    assert [r["round"] for r in _rows(out)] == [1, 2]  # continued from round 1
+
+
 def test_a_write_through_a_file_is_a_user_error_naming_the_path(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "summary.json"
