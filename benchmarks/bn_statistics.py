@@ -29,6 +29,7 @@ from torch import nn
 
 from fedftg.config import config_from_dict
 from fedftg.engine.checkpoint import read_checkpoint
+from fedftg.engine.rundir import saved_states
 from fedftg.engine.simulation import Setup, evaluate, label_histogram, prepare, server_plugin
 from fedftg.errors import UserError
 from fedftg.methods.ftg import sample_labels
@@ -60,7 +61,9 @@ def diagnose(run: Path, images: int, batch_size: int, seed: int) -> dict[str, ob
     saved_cfg.pop("environment", None)
     cfg = config_from_dict(saved_cfg)
     saved = read_checkpoint(run / "checkpoint.pt")
-    method, state = saved["current"], saved["state"]
+    states = saved_states(saved)  # the current method's, or the last finished one's
+    method = saved.get("current") or list(states)[-1]
+    state = states[method]
     setup: Setup = prepare(cfg)
     model = setup.new_model()
     model.load_state_dict(state["global_state"])

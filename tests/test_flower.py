@@ -230,6 +230,7 @@ def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):
             "node-wait": 30.0,
             "out": str(out),
             "resume": resume,
+            "keep-checkpoint": True,  # the full run's .prev plays the crashed server's file
         }
         return _flwr_run(simulation, settings, nodes=2, status=status)
 

@@ -98,6 +98,7 @@ IGNORED_KEYS = {
     "heatmap",
     "resume",
     "fresh",
+    "keep_checkpoint",
     "quiet",
     "verbose",
     "tensorboard",
@@ -157,7 +158,17 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, overrides).validate()
         check_given(cfg, given_keys(values) + given_keys(overrides))
         bases = [cfg.resolve()]
+    from fedftg.engine.rundir import expand_out, link_latest
+
+    stamped = []
+    for base in bases:  # one directory per sweep, not per point
+        path, templated = expand_out(base.out)
+        base.out = str(path)
+        if templated:
+            stamped.append(path)
     results = [r for base in bases for r in run_sweep(base, grid, jobs=ns.jobs)]
+    for path in stamped:
+        link_latest(path)
     cfg = bases[0]
     for r in results:
         print(f"{r['name']:<40} {r['status']}  ({r['out']})")
@@ -198,6 +209,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                 progress=ns.progress,
                 resume=ns.resume,
                 fresh=ns.fresh,
+                keep_checkpoint=ns.keep_checkpoint,
                 verbosity=verbosity,
                 tensorboard=ns.tensorboard,
             )
@@ -319,10 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the checkpoint in --out (error if its settings differ); "
-        "rerunning the same command also continues",
+        help="continue the run in --out, also to more --rounds than it had (a finished run "
+        "is extended); rerunning the same command also continues",
     )
-    run.add_argument("--fresh", action="store_true", help="ignore any checkpoint in --out")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="replace the run in --out (its files are deleted) instead of continuing it",
+    )
+    run.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep the full final checkpoint (every client's state) instead of the small one",
+    )
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument("--verbose", action="store_true", help="one line per round on stderr")
     run.add_argument(

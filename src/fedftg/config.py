@@ -181,8 +181,9 @@ class RunConfig:
         choices=PRECISIONS,
     )
     out: str = setting(
-        "runs/latest",
-        "run directory for config.json, metrics.jsonl, summary.json, curves.png",
+        "runs/{time}",
+        "run directory for config.json, metrics.jsonl, summary.json, curves.png; {time} "
+        "becomes the start time and <parent>/latest links the newest",
         resumable=True,
         pooled=True,
     )

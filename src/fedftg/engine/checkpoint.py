@@ -19,7 +19,7 @@ import torch
 
 from fedftg.config import fingerprint, legacy_fingerprint
 from fedftg.errors import UserError
-from fedftg.report.files import atomic_write
+from fedftg.report.files import atomic_write, write_error
 
 MAGIC = b"FEDFTGC1"
 
@@ -56,8 +56,20 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     blob = MAGIC + hashlib.sha256(data).digest() + data
     target = Path(path)
     if target.exists():
-        os.replace(target, _prev(target))
+        try:
+            os.replace(target, _prev(target))
+        except OSError as exc:
+            raise write_error(_prev(target), exc) from None
     return atomic_write(target, lambda p: p.write_bytes(blob))
+
+
+def remove_previous(path: str | Path) -> None:
+    """Delete the ``.prev`` checkpoint beside ``path`` (a finished run needs only one)."""
+    prev = _prev(Path(path))
+    try:
+        prev.unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(prev, exc) from None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

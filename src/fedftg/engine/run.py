@@ -2,72 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
-import fedftg
 from fedftg.config import RunConfig
-from fedftg.data.partition import partition_stats
-from fedftg.engine.checkpoint import (
-    checkpoint_matches,
-    config_fingerprint,
-    load_latest,
-    save_checkpoint,
-)
-from fedftg.engine.simulation import MethodRunner, Setup, denormalise, output_paths, prepare
+from fedftg.engine.rundir import RunDir
+from fedftg.engine.simulation import MethodRunner, prepare
 from fedftg.errors import UserError
-from fedftg.report.files import MetricsLog, atomic_write, read_metrics, write_json
-from fedftg.report.heatmap import save_partition_heatmap
-from fedftg.report.plots import plot_curves, plot_samples
 from fedftg.report.progress import Progress
-
-
-def environment(cfg: RunConfig) -> dict[str, Any]:
-    """The reproducibility record stored beside the config."""
-    device = cfg.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return {
-        "fedftg": fedftg.__version__,
-        "git_commit": _git_commit(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "seed": cfg.seed,
-    }
-
-
-def _git_commit() -> str | None:
-    """The commit of the fedftg source tree, if it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def make_out_dir(path: Path) -> None:
-    """Create the run directory; a path that cannot be a directory is a `UserError`."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"out: {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise UserError(f"out: cannot create {path} ({exc.strerror or exc})") from None
 
 
 class _StopFlag:
@@ -105,14 +50,17 @@ def run_experiment(
     progress: bool | None = None,
     resume: bool = False,
     fresh: bool = False,
+    keep_checkpoint: bool = False,
     verbosity: int = 1,
     tensorboard: bool = False,
 ) -> dict[str, Any]:
-    """Run all methods of ``cfg``; write config.json, metrics.jsonl, summary.json, plots.
+    """Run all methods of ``cfg``; write the run directory (`fedftg.engine.rundir`).
 
-    A checkpoint in the run directory written by the same settings is continued from its
-    last completed round (``fresh`` ignores it). With ``resume`` a checkpoint from other
-    settings is an error; without it, such a run directory is started afresh.
+    A run directory holding this run (same settings) is continued from its checkpoint;
+    one holding another run is refused unless ``fresh`` (which replaces it); ``resume``
+    may raise the rounds of a finished run. Nothing is written before the settings, the
+    data and ``tensorboard`` have been checked. ``keep_checkpoint`` keeps the full final
+    checkpoint (client state included) instead of the small one.
     ``verbosity``: 0 prints nothing, 1 the results table, 2 also one line per round on
     stderr. ``tensorboard`` also writes the round metrics as TensorBoard scalars.
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
@@ -120,136 +68,50 @@ def run_experiment(
     stream = stream or sys.stdout
     if verbosity == 0:
         progress = False
-    paths = output_paths(cfg.out)
-    make_out_dir(paths["dir"])
-    ckpt_path = paths["dir"] / "checkpoint.pt"
-    fingerprint = config_fingerprint(cfg.to_dict())
-    saved = None
-    if not fresh:
-        saved, warnings = load_latest(ckpt_path)
-        for w in warnings:
-            sys.stderr.write(f"warning: {w}\n")
-        if saved is not None and not checkpoint_matches(
-            saved, cfg.to_dict(), _saved_config(paths["config"])
-        ):
-            if resume:
-                raise UserError(
-                    f"{ckpt_path}: checkpoint was written by a run with other settings; "
-                    "use the same settings, another --out, or --fresh"
-                )
-            saved = None
-    if resume and saved is None:
-        sys.stderr.write(f"warning: no checkpoint in {paths['dir']}; starting afresh\n")
-    setup = prepare(cfg)
-    write_json(paths["config"], {**cfg.to_dict(), "environment": environment(cfg)})
-    save_partition_heatmap(
-        setup.partition.counts,
-        paths["partition"],
-        list(setup.dataset.classes),
-        f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+    setup = prepare(cfg)  # bad input (data, sizes) is reported before the directory
+    run = RunDir.open(
+        cfg, engine="in-process", fresh=fresh, resume=resume, keep_checkpoint=keep_checkpoint
     )
-    done: dict[str, Any] = dict(saved["done"]) if saved else {}
-    trim_metrics(paths["metrics"], saved)
-    log = MetricsLog(paths["metrics"])
-    summary: dict[str, Any] = {"methods": {}}
-    sample_written = False
-    board = TensorBoard(paths["dir"] / "tensorboard") if tensorboard else None
+    cfg = run.cfg
+    board = TensorBoard(run.path / "tensorboard") if tensorboard else None
+    run.start(setup.partition, setup.dataset)
+    methods: dict[str, Any] = {}
     with _StopFlag() as stop:
         for display, base, plugin in cfg.methods():
-            if display in done:  # finished before the resume: its outputs are written
-                summary["methods"][display] = done[display]
+            if run.is_finished(display):  # finished before the resume: its outputs are written
+                methods[display] = run.done[display]
                 continue
             runner = MethodRunner(setup, base, plugin)
-            if saved is not None and saved["current"] == display:
-                runner.restore(saved["state"])
+            saved = run.restore_point(display)
+            if saved is not None:
+                runner.restore(saved)
             bar = Progress(cfg.rounds, display, enabled=progress)
             while runner.state.round < cfg.rounds:
                 record = runner.run_round()
-                log.append({"method": display, **record})
+                run.append(display, record)
                 bar.update(runner.state.round, runner.state.last_acc)
                 if board is not None:
                     board.add(display, record)
                 if verbosity >= 2:
                     sys.stderr.write(_round_line(display, record) + "\n")
-                every = cfg.checkpoint_every
-                finished = runner.state.round == cfg.rounds
-                if finished:
-                    done[display] = runner.summary()
-                if stop.raised or (every and (runner.state.round % every == 0 or finished)):
-                    save_run_checkpoint(
-                        ckpt_path, fingerprint, done, display, runner.checkpoint_state()
-                    )
+                run.end_round(display, runner, force=stop.raised is not None)
                 if stop.raised:
                     bar.close()
                     raise Interrupted(
                         f"stopped after round {runner.state.round} of {display}; "
-                        "rerun the same command to continue"
+                        f"rerun the same command (with --out {run.path}) to continue"
                     )
             bar.close()
-            summary["methods"][display] = runner.summary()
-            if runner.has_samples:
-                _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png")
-                if not sample_written:
-                    _write_samples(runner, setup, paths["samples"])
-                    sample_written = True
+            methods[display] = run.method_finished(display, runner)
     if board is not None:
         board.close()
-    summary["partition"] = partition_stats(setup.partition)
-    summary["config"] = cfg.to_dict()
-    summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(paths["summary"], summary)
-    title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
-    plot_curves(read_metrics(paths["metrics"]), paths["curves"], title)
+    summary = run.finish(methods, setup.partition)
     if verbosity >= 1:
         stream.write(format_table(summary["methods"]) + "\n")
         for line in plugin_gains(cfg, summary["methods"]):
             stream.write(line + "\n")
-        stream.write(f"results in {paths['dir']}\n")
+        stream.write(f"results in {run.path}\n")
     return summary
-
-
-def _saved_config(path: Path) -> dict[str, Any] | None:
-    """The settings recorded in a run directory's config.json (None if unreadable)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def save_run_checkpoint(
-    path: Path, fingerprint: str, done: dict, current: str, state: dict
-) -> None:
-    save_checkpoint(
-        path, {"fingerprint": fingerprint, "done": done, "current": current, "state": state}
-    )
-
-
-def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
-    """Keep only the metrics the checkpoint accounts for (none without a checkpoint)."""
-    if saved is None:
-        path.unlink(missing_ok=True)
-        return
-    rounds = {name: done["rounds"] for name, done in saved["done"].items()}
-    rounds[saved["current"]] = saved["state"]["round"]
-    kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
-    text = "".join(json.dumps(r) + "\n" for r in kept)
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def _write_samples(runner: MethodRunner, setup: Setup, path: Any) -> None:
-    gen = torch.Generator(device=setup.device)
-    gen.manual_seed(setup.cfg.seed)
-    images, labels = runner.plugin.sample_images(8, gen)
-    plot_samples(
-        denormalise(images, setup.dataset),
-        labels.cpu().numpy(),
-        list(setup.dataset.classes),
-        path,
-    )
-
-
-def _slug(name: str) -> str:
-    return name.replace("+", "_")
 
 
 def format_table(methods: dict[str, dict[str, Any]]) -> str:

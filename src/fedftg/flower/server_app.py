@@ -1,12 +1,13 @@
 """Flower ServerApp: fedftg's methods over a Flower federation, with central evaluation.
 
 Settings come from Flower's run config (``[tool.flwr.app.config]`` and ``--run-config``),
-mapped onto the same `RunConfig` and validation as `fedftg run`; three keys are
+mapped onto the same `RunConfig` and validation as `fedftg run`; these keys are
 Flower-only: ``min-replies`` (aggregate a round only if at least this many valid replies
-arrived, default 1), ``round-timeout`` (seconds to wait for replies, default 600) and
-``node-wait`` (seconds to wait for all ``clients`` nodes to connect, default 120). The run
-directory gets the same config.json, metrics.jsonl, summary.json and curves.png as
-`fedftg run`.
+arrived, default 1), ``round-timeout`` (seconds to wait for replies, default 600),
+``node-wait`` (seconds to wait for all ``clients`` nodes to connect, default 120), and
+``resume``, ``fresh``, ``keep-checkpoint`` (`fedftg run`'s --resume, --fresh and
+--keep-checkpoint). The run directory is `fedftg run`'s (`fedftg.engine.rundir`): the
+same files and the same rules for a directory that holds a run.
 """
 
 from __future__ import annotations
@@ -21,25 +22,23 @@ from flwr.serverapp import Grid, ServerApp
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.checkpoint import checkpoint_matches, config_fingerprint, load_latest
-from fedftg.engine.run import (
-    environment,
-    format_table,
-    make_out_dir,
-    plugin_gains,
-    save_run_checkpoint,
-    trim_metrics,
-)
-from fedftg.engine.simulation import ServerRunner, initial_state, output_paths, resolve_device
+from fedftg.engine.run import format_table, plugin_gains
+from fedftg.engine.rundir import FLOWER_HINTS, RunDir
+from fedftg.engine.simulation import ServerRunner, initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
 from fedftg.flower.common import config_from_run_config, report_user_errors, to_record
 from fedftg.flower.strategy import FedFTGStrategy
-from fedftg.report.files import MetricsLog, read_metrics, write_json
-from fedftg.report.plots import plot_curves
 
 log = logging.getLogger("flwr")
 
-FLOWER_KEYS = {"min-replies": 1, "round-timeout": 600.0, "node-wait": 120.0, "resume": False}
+FLOWER_KEYS = {
+    "min-replies": 1,
+    "round-timeout": 600.0,
+    "node-wait": 120.0,
+    "resume": False,
+    "fresh": False,
+    "keep-checkpoint": False,
+}
 
 app = ServerApp()
 
@@ -62,6 +61,8 @@ def main(grid: Grid, context: Context) -> None:
             round_timeout=float(options["round-timeout"]),
             node_wait=float(options["node-wait"]),
             resume=bool(options["resume"]),
+            fresh=bool(options["fresh"]),
+            keep_checkpoint=bool(options["keep-checkpoint"]),
         )
 
 
@@ -119,45 +120,45 @@ def run_federation(
     round_timeout: float = 600.0,
     node_wait: float = 120.0,
     resume: bool = False,
+    fresh: bool = False,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Run every method of ``cfg`` over the nodes of ``grid``; write the run directory.
 
-    The server checkpoints after every round (global model, method server state,
-    generator, round); with ``resume`` it continues from the checkpoint in ``cfg.out``.
-    Client-side method state lives on the nodes (their Context) and is not checkpointed.
+    The run directory and its rules are those of `fedftg run` (`fedftg.engine.rundir`):
+    the same settings continue from the server's checkpoint (global model, method server
+    state, generator, round), other settings are refused unless ``fresh``, ``resume`` may
+    raise the rounds of a finished run. Client-side method state lives on the nodes (their
+    Context) and is not checkpointed.
     """
-    paths = output_paths(cfg.out)
-    make_out_dir(paths["dir"])
+    run = RunDir.open(
+        cfg,
+        engine="flower",
+        fresh=fresh,
+        resume=resume,
+        keep_checkpoint=keep_checkpoint,
+        hints=FLOWER_HINTS,
+        warn=log.warning,
+    )
+    cfg = run.cfg
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std, device)
     init = initial_state(cfg, ds)
-    write_json(
-        paths["config"], {**cfg.to_dict(), "environment": environment(cfg), "engine": "flower"}
-    )
+    partition = split_clients(cfg, ds)  # as the nodes split it: for the heatmap and summary
     node_of = discover_nodes(grid, cfg.clients, node_wait, round_timeout)
     if len(node_of) < int(min_replies):
         raise UserError(f"min-replies: only {len(node_of)} nodes answered")
-    ckpt_path = paths["dir"] / "checkpoint.pt"
-    fingerprint = config_fingerprint(cfg.to_dict())
-    saved = None
-    if resume:
-        saved, warnings = load_latest(ckpt_path)
-        for w in warnings:
-            log.warning(w)
-        if saved is not None and not checkpoint_matches(saved, cfg.to_dict()):
-            raise UserError(f"{ckpt_path}: checkpoint was written by a run with other settings")
-    done: dict[str, Any] = dict(saved["done"]) if saved else {}
-    trim_metrics(paths["metrics"], saved)
-    metrics_log = MetricsLog(paths["metrics"])
-    summary: dict[str, Any] = {"methods": {}, "engine": "flower"}
+    run.start(partition, ds)
+    methods: dict[str, Any] = {}
     for display, base, plugin in cfg.methods():
-        if display in done:
-            summary["methods"][display] = done[display]
+        if run.is_finished(display):
+            methods[display] = run.done[display]
             continue
         runner = ServerRunner(cfg, ds, test, init, base, plugin, device)
-        if saved is not None and saved["current"] == display:
-            runner.restore(saved["state"])
+        saved = run.restore_point(display)
+        if saved is not None:
+            runner.restore(saved)
             log.info("%s: resumed after round %d", display, runner.state.round)
         strategy = FedFTGStrategy(runner, display, base, node_of, int(min_replies))
         strategy.summary()
@@ -168,26 +169,22 @@ def run_federation(
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is None:  # too few valid replies: the round is skipped
                 runner.state.round += 1
-                metrics_log.append(
+                run.append(
+                    display,
                     {
-                        "method": display,
                         "round": server_round,
                         "skipped": True,
                         "test_acc": None,
                         "test_loss": None,
                         "elapsed_s": runner.state.elapsed_s,
-                    }
+                    },
                 )
             else:
-                metrics_log.append({"method": display, **(strategy.last_record or {})})
+                run.append(display, strategy.last_record or {})
                 log.info("%s round %d: %s", display, server_round, strategy.last_record)
-            if server_round == cfg.rounds:
-                done[display] = {**runner.summary(), "rejected": strategy.rejected}
-            save_run_checkpoint(ckpt_path, fingerprint, done, display, runner.checkpoint_state())
-        summary["methods"][display] = {**runner.summary(), "rejected": strategy.rejected}
-    summary["config"] = cfg.to_dict()
-    write_json(paths["summary"], summary)
-    plot_curves(read_metrics(paths["metrics"]), paths["curves"], f"{cfg.dataset} on Flower")
+            run.end_round(display, runner, {"rejected": strategy.rejected})
+        methods[display] = run.method_finished(display, runner, {"rejected": strategy.rejected})
+    summary = run.finish(methods, partition)
     log.info("\n%s", format_table(summary["methods"]))
     for line in plugin_gains(cfg, summary["methods"]):
         log.info(line)

@@ -4,26 +4,67 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from fedftg.errors import UserError
+
+TMP_GLOB = ".*.tmp"  # the temporary siblings `atomic_write` writes first
+
+
+def write_error(path: str | Path, exc: OSError) -> UserError:
+    """The `UserError` for a failed write of ``path`` (permissions, disk full, a path
+    through a file): one line naming the path."""
+    return UserError(f"{path}: cannot write ({exc.strerror or exc})")
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; no half-written file is ever left."""
+    """Call ``write(tmp_path)`` then rename onto ``path``; no half-written file is ever left.
+
+    The file gets the user's umask (as `open` would). A failure to write is a `UserError`
+    naming ``path``; the temporary file is removed whatever happens (`remove_stale_tmp`
+    clears one left by a killed process)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _new_tmp(target)
+    except OSError as exc:
+        raise write_error(target, exc) from None
     try:
         write(tmp_path)
         os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        with suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(target, exc) from None
         raise
     return target
+
+
+def _new_tmp(target: Path) -> Path:
+    """Create an empty, new temporary sibling of ``target`` (mode 0666 less the umask)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted `atomic_write` left in ``folder``."""
+    removed = []
+    for p in Path(folder).glob(TMP_GLOB):
+        if p.is_file() and not p.is_symlink():
+            with suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

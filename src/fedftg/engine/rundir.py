@@ -1,0 +1,520 @@
+"""The run directory: what `fedftg run` and the fedftg Flower ServerApp write, and the rules
+for a directory that already holds a run.
+
+One component for both engines, so their directories hold the same files (config.json,
+metrics.jsonl, summary.json, curves.png, partition.png, samples*.png for plug-ins with
+generated samples, checkpoint.pt) and follow the same rules:
+
+- A directory belongs to one run. A rerun with the same settings continues it from its
+  checkpoint; with other settings it is refused (`UserError`, exit 2) naming the settings
+  that differ and the ways on: ``--fresh`` replaces it, another ``--out`` keeps it.
+  ``--resume`` may raise ``--rounds`` (extending a finished run) when the rest matches.
+- `RunDir.open` only reads; nothing in the directory is touched until `RunDir.start`,
+  which the engines call once every check (settings, data, optional dependencies, nodes)
+  has passed.
+- ``{time}`` in ``out`` (the default ``runs/{time}``) becomes the start time, so runs do
+  not share a directory; ``<parent>/latest`` is then a symlink to the newest.
+- A finished run keeps a small checkpoint: each method's global model, server and plug-in
+  state, without per-client state (all of it with ``keep_checkpoint``). That is enough to
+  extend it exactly, except a method with per-client state (SCAFFOLD, FedDyn, MOON) whose
+  clients' state was not kept: extending that is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fedftg
+from fedftg import registry
+from fedftg.config import RunConfig, differing_settings, fingerprint, flatten_sections
+from fedftg.data.partition import Partition, partition_stats
+from fedftg.data.sources import Dataset
+from fedftg.engine.checkpoint import (
+    checkpoint_matches,
+    config_fingerprint,
+    load_latest,
+    remove_previous,
+    save_checkpoint,
+)
+from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
+from fedftg.errors import UserError
+from fedftg.report.files import (
+    MetricsLog,
+    atomic_write,
+    read_metrics,
+    remove_stale_tmp,
+    write_error,
+    write_json,
+)
+from fedftg.report.heatmap import save_partition_heatmap
+from fedftg.report.plots import plot_curves, plot_samples
+
+TIME = "{time}"
+CHECKPOINT = "checkpoint.pt"
+# what a run writes (besides samples_<method>.png and tensorboard/): --fresh removes these
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "partition.png",
+    "samples.png",
+    CHECKPOINT,
+    CHECKPOINT + ".prev",
+)
+
+
+@dataclass(frozen=True)
+class Hints:
+    """How the user says "replace it", "use another directory" and "extend it"."""
+
+    fresh: str
+    out: str
+    resume: str
+
+
+CLI_HINTS = Hints(fresh="--fresh", out="another --out", resume="--resume")
+FLOWER_HINTS = Hints(fresh="fresh=true", out="another out", resume="resume=true")
+
+
+def _stderr_warning(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def expand_out(out: str, now: float | None = None) -> tuple[Path, bool]:
+    """``out`` with ``{time}`` replaced by the local start time (``20261203-101500``, then
+    ``-2``, ``-3`` if taken), and whether it had the placeholder."""
+    if TIME not in out:
+        return Path(out), False
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path, n = Path(out.replace(TIME, stamp)), 2
+    while path.exists() or path.is_symlink():
+        path, n = Path(out.replace(TIME, f"{stamp}-{n}")), n + 1
+    return path, True
+
+
+def link_latest(path: Path, warn: Callable[[str], None] = _stderr_warning) -> None:
+    """Point ``<parent>/latest`` at ``path`` (a relative symlink, replaced atomically). A
+    real file or folder named ``latest`` (from fedftg before timestamped runs) is left."""
+    link = path.parent / "latest"
+    if link.exists() and not link.is_symlink():
+        warn(f"{link} is not a symlink (an older run?); not pointing it at {path.name}")
+        return
+    tmp = link.with_name(f".latest.{secrets.token_hex(4)}.tmp")
+    try:
+        os.symlink(path.name, tmp)
+        os.replace(tmp, link)
+    except OSError as exc:  # e.g. no symlinks on this file system: the run is unaffected
+        tmp.unlink(missing_ok=True)
+        warn(f"cannot link {link} to {path.name} ({exc.strerror or exc})")
+
+
+def check_writable(path: Path) -> None:
+    """A `UserError` unless ``path`` is, or can be created as, a writable directory."""
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"out: {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"out: {path} is not writable")
+        return
+    parent = path.parent
+    while not (parent.exists() or parent == parent.parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"out: cannot create {path} ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"out: cannot create {path} ({parent} is not writable)")
+
+
+def environment(cfg: RunConfig) -> dict[str, Any]:
+    """The reproducibility record stored beside the config."""
+    device = cfg.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {
+        "fedftg": fedftg.__version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the fedftg source tree, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def saved_states(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Method -> state held by checkpoint ``saved``: the finished methods' final states
+    (``final``, absent before fedftg kept them) and the current method's."""
+    states = dict(saved.get("final") or {})
+    if saved.get("current") and saved.get("state") is not None:
+        states.setdefault(saved["current"], saved["state"])
+    return states
+
+
+def small_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A method state without its per-client part (marked when there was any)."""
+    dropped = any(bool(v) for v in state["client_states"].values())
+    return {**state, "client_states": {}, "client_states_dropped": dropped}
+
+
+def _cpu(obj: Any) -> Any:
+    """A CPU copy of the tensors in a nested state (so finished methods free the device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+class RunDir:
+    """One run's directory: `open` decides what to do with what is there (reads only),
+    `start` writes the run's first files, the engine reports rounds and finished methods,
+    `finish` writes summary, curves and the final checkpoint."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        path: Path,
+        *,
+        engine: str,
+        link: bool,
+        keep_checkpoint: bool,
+        hints: Hints,
+        warn: Callable[[str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.engine = engine
+        self.paths = output_paths(path)
+        self.checkpoint_path = path / CHECKPOINT
+        self.keep_checkpoint = keep_checkpoint
+        self.hints = hints
+        self.warn = warn
+        self._link = link
+        self._replace = False  # the directory's run files go at `start`
+        self.saved: dict[str, Any] | None = None  # the checkpoint continued from
+        self.done: dict[str, dict[str, Any]] = {}  # method -> summary of its finished rounds
+        self.final: dict[str, dict[str, Any]] = {}  # method -> state after its last round
+        self._log: MetricsLog | None = None
+        self._fingerprint = config_fingerprint(cfg.to_dict())
+        samplers = [d for d, _, p in cfg.methods() if registry.plugin_with_samples(p)]
+        self._first_sampler = samplers[0] if samplers else None
+
+    # ------------------------------------------------------------------ checks (read only)
+
+    @classmethod
+    def open(
+        cls,
+        cfg: RunConfig,
+        *,
+        engine: str,
+        fresh: bool = False,
+        resume: bool = False,
+        keep_checkpoint: bool = False,
+        hints: Hints = CLI_HINTS,
+        warn: Callable[[str], None] = _stderr_warning,
+    ) -> RunDir:
+        """The run directory of ``cfg`` and what to do with it; a `UserError` if it cannot
+        be this run's (other settings, not writable). Writes nothing."""
+        path, templated = expand_out(cfg.out)
+        cfg = cfg.copy()
+        cfg.out = str(path)
+        check_writable(path)
+        run = cls(
+            cfg,
+            path,
+            engine=engine,
+            link=templated,
+            keep_checkpoint=keep_checkpoint,
+            hints=hints,
+            warn=warn,
+        )
+        run._decide(fresh, resume)
+        return run
+
+    def _present(self) -> list[str]:
+        """The run files in the directory."""
+        if not self.path.is_dir():
+            return []
+        names = [n for n in RUN_FILES if (self.path / n).exists()]
+        return names + sorted(p.name for p in self.path.glob("samples_*.png"))
+
+    def _decide(self, fresh: bool, resume: bool) -> None:
+        present = self._present()
+        if not present:
+            if resume:
+                self.warn(f"no checkpoint in {self.path}; starting afresh")
+            return
+        if fresh:
+            self._replace = True
+            return
+        saved_config = _read_json(self.paths["config"])
+        saved, warnings = load_latest(self.checkpoint_path)
+        for w in warnings:
+            self.warn(w)
+        if saved is None:
+            self._without_checkpoint(saved_config, present)
+            return
+        then = self._checkpoint_rounds(saved, saved_config)
+        if then is None:
+            raise self._other_settings(saved_config)
+        if self.cfg.rounds != then and not (resume and self.cfg.rounds > then):
+            raise self._other_rounds(then)
+        self._check_extensible(saved)
+        self.saved = saved
+        self.done = dict(saved["done"])
+        self.final = dict(saved.get("final") or {})
+
+    def _without_checkpoint(self, saved_config: dict[str, Any] | None, present: list[str]) -> None:
+        """A run directory without a usable checkpoint: the same settings start it over."""
+        if saved_config is None:
+            raise UserError(
+                f"out: {self.path} holds run files ({', '.join(present)}) but neither "
+                f"config.json nor a checkpoint to tell its settings; {self.hints.fresh} "
+                f"replaces them, or use {self.hints.out}"
+            )
+        if fingerprint(saved_config) != fingerprint(self.cfg.to_dict()):
+            raise self._other_settings(saved_config, can_extend=False)
+        self.warn(f"no checkpoint in {self.path}; starting the run over (same settings)")
+        self._replace = True
+
+    def _checkpoint_rounds(
+        self, saved: dict[str, Any], saved_config: dict[str, Any] | None
+    ) -> int | None:
+        """The round count of the run that wrote ``saved`` if, that aside, its settings are
+        this run's (None if they differ). Checkpoints record it; older ones through their
+        config.json or, failing that, by matching at this run's rounds."""
+        now = self.cfg.to_dict()
+        candidates = [saved.get("rounds"), (saved_config or {}).get("rounds"), self.cfg.rounds]
+        for rounds in dict.fromkeys(r for r in candidates if isinstance(r, int)):
+            if checkpoint_matches(saved, {**now, "rounds": rounds}, saved_config):
+                return rounds
+        return None
+
+    def _check_extensible(self, saved: dict[str, Any]) -> None:
+        """Every finished method that must run more rounds has a state to continue from."""
+        states = saved_states(saved)
+        for name, summary in saved["done"].items():
+            if summary["rounds"] >= self.cfg.rounds:
+                continue
+            state = states.get(name)
+            if state is None:
+                raise UserError(
+                    f"{self.checkpoint_path}: {name} finished before fedftg kept final "
+                    f"states, so it cannot be extended; {self.hints.fresh} reruns it"
+                )
+            if state.get("client_states_dropped"):
+                raise UserError(
+                    f"{self.checkpoint_path}: {name} keeps per-client state, which the "
+                    "finished run did not keep (--keep-checkpoint), so it cannot be "
+                    f"extended exactly; {self.hints.fresh} reruns it"
+                )
+
+    def _other_settings(
+        self, saved_config: dict[str, Any] | None, can_extend: bool = True
+    ) -> UserError:
+        now = self.cfg.to_dict()
+        names = differing_settings(saved_config, now) if saved_config else []
+        old, new = flatten_sections(saved_config or {}), flatten_sections(now)
+        shown = ", ".join(f"{k} {old.get(k, '?')} -> {new.get(k, '?')}" for k in names)
+        extend = ""
+        if can_extend and names == ["rounds"] and isinstance(old.get("rounds"), int):
+            if self.cfg.rounds > old["rounds"]:
+                extend = f", or {self.hints.resume} to extend it to {self.cfg.rounds} rounds"
+        return UserError(
+            f"out: {self.path} holds a run with other settings ({shown or 'see its config.json'}"
+            f"); {self.hints.fresh} replaces it, or use {self.hints.out}{extend}"
+        )
+
+    def _other_rounds(self, then: int) -> UserError:
+        if self.cfg.rounds > then:
+            return UserError(
+                f"out: {self.path} holds a run of {then} rounds; {self.hints.resume} extends "
+                f"it to {self.cfg.rounds}, {self.hints.fresh} replaces it, or use "
+                f"{self.hints.out}"
+            )
+        return UserError(
+            f"out: {self.path} holds a run of {then} rounds, which cannot shrink to "
+            f"{self.cfg.rounds}; {self.hints.fresh} replaces it, or use {self.hints.out}"
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def start(self, partition: Partition, dataset: Dataset) -> None:
+        """Create the directory (clearing stale temporary files and, if replaced, the old
+        run's files), write config.json and partition.png, keep the metrics the checkpoint
+        accounts for. Call only after every check has passed."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        remove_stale_tmp(self.path)
+        if self._replace:
+            self._remove_run_files()
+        extra = {"environment": environment(self.cfg), "engine": self.engine}
+        write_json(self.paths["config"], {**self.cfg.to_dict(), **extra})
+        cfg = self.cfg
+        save_partition_heatmap(
+            partition.counts,
+            self.paths["partition"],
+            list(dataset.classes),
+            f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+        )
+        trim_metrics(self.paths["metrics"], self.saved)
+        self._log = MetricsLog(self.paths["metrics"])
+        if self._link:
+            link_latest(self.path, self.warn)
+
+    def _remove_run_files(self) -> None:
+        doomed = [self.path / n for n in RUN_FILES] + list(self.path.glob("samples_*.png"))
+        board = self.path / "tensorboard"
+        try:
+            for p in doomed:
+                p.unlink(missing_ok=True)
+            if board.is_dir():
+                shutil.rmtree(board)
+        except OSError as exc:
+            raise write_error(Path(exc.filename or self.path), exc) from None
+
+    def is_finished(self, method: str) -> bool:
+        """Whether ``method`` has run all rounds already (its outputs are written)."""
+        return method in self.done and self.done[method]["rounds"] >= self.cfg.rounds
+
+    def restore_point(self, method: str) -> dict[str, Any] | None:
+        """The saved state ``method`` continues from (None: from the start)."""
+        return saved_states(self.saved).get(method) if self.saved is not None else None
+
+    def append(self, method: str, record: dict[str, Any]) -> None:
+        """One round's record to metrics.jsonl."""
+        assert self._log is not None, "start() first"
+        try:
+            self._log.append({"method": method, **record})
+        except OSError as exc:
+            raise write_error(self.paths["metrics"], exc) from None
+
+    def end_round(
+        self,
+        method: str,
+        runner: ServerRunner,
+        extra: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
+        """After each round: note a method that has finished, checkpoint every
+        ``checkpoint_every`` rounds, at a method's last round and when ``force``d."""
+        round_, every = runner.state.round, self.cfg.checkpoint_every
+        finished = round_ >= self.cfg.rounds
+        if finished:
+            self._note_finished(method, runner, extra)
+        if force or (every and (round_ % every == 0 or finished)):
+            current = None if finished else runner.checkpoint_state()
+            self._save(method if current is not None else None, current)
+
+    def method_finished(
+        self, method: str, runner: ServerRunner, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """After a method's last round: its summary; writes its generated samples."""
+        if method not in self.done or self.done[method]["rounds"] < runner.state.round:
+            self._note_finished(method, runner, extra)
+        if runner.has_samples:
+            self._write_samples(runner, self.path / f"samples_{method.replace('+', '_')}.png")
+            if method == self._first_sampler:
+                self._write_samples(runner, self.paths["samples"])
+        return self.done[method]
+
+    def finish(self, methods: dict[str, dict[str, Any]], partition: Partition) -> dict[str, Any]:
+        """summary.json, curves.png and the final checkpoint; returns the summary."""
+        cfg = self.cfg
+        summary: dict[str, Any] = {
+            "methods": methods,
+            "engine": self.engine,
+            "partition": partition_stats(partition),
+            "config": cfg.to_dict(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(self.paths["summary"], summary)
+        title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
+        plot_curves(read_metrics(self.paths["metrics"]), self.paths["curves"], title)
+        if cfg.checkpoint_every and not self.keep_checkpoint:
+            self._save(None, None)  # the small final checkpoint replaces the last full one
+            remove_previous(self.checkpoint_path)
+        return summary
+
+    def _note_finished(
+        self, method: str, runner: ServerRunner, extra: dict[str, Any] | None
+    ) -> None:
+        self.done[method] = {**runner.summary(), **(extra or {})}
+        state = _cpu(runner.checkpoint_state())
+        self.final[method] = state if self.keep_checkpoint else small_state(state)
+
+    def _save(self, current: str | None, state: dict[str, Any] | None) -> None:
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "fingerprint": self._fingerprint,
+                "rounds": self.cfg.rounds,
+                "done": self.done,
+                "final": self.final,
+                "current": current,
+                "state": state,
+            },
+        )
+
+    def _write_samples(self, runner: ServerRunner, path: Path) -> None:
+        gen = torch.Generator(device=runner.device)
+        gen.manual_seed(self.cfg.seed)
+        images, labels = runner.plugin.sample_images(8, gen)  # type: ignore[union-attr]
+        ds = runner.dataset
+        plot_samples(denormalise(images, ds), labels.cpu().numpy(), list(ds.classes), path)
+
+
+def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
+    """Keep only the metrics the checkpoint accounts for (none without a checkpoint)."""
+    if saved is None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        return
+    rounds = {name: done["rounds"] for name, done in saved["done"].items()}
+    for name, state in saved_states(saved).items():
+        rounds[name] = max(rounds.get(name, 0), int(state["round"]))
+    kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path`` (None if missing or unreadable)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
