@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,12 +24,12 @@ from fedftg.engine.checkpoint import (
     load_latest,
     save_checkpoint,
 )
+from fedftg.engine.progress import Reporter
 from fedftg.engine.simulation import MethodRunner, Setup, denormalise, output_paths, prepare
 from fedftg.errors import UserError
-from fedftg.report.files import MetricsLog, atomic_write, read_metrics, write_json
+from fedftg.report.files import MetricsLog, atomic_write, json_line, read_metrics, write_json
 from fedftg.report.heatmap import save_partition_heatmap
 from fedftg.report.plots import plot_curves, plot_samples
-from fedftg.report.progress import Progress
 
 
 def environment(cfg: RunConfig) -> dict[str, Any]:
@@ -72,10 +73,12 @@ def make_out_dir(path: Path) -> None:
 
 class _StopFlag:
     """SIGINT/SIGTERM set a flag: the current round finishes, a checkpoint is written, and
-    the run stops. A second signal stops at once."""
+    the run stops. A second signal stops at once. ``acknowledge`` is called at the first
+    signal, so the user hears at once that it was seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, acknowledge: Callable[[], None] = lambda: None) -> None:
         self.raised: int | None = None
+        self.acknowledge = acknowledge
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -88,6 +91,7 @@ class _StopFlag:
         if self.raised is not None:
             raise KeyboardInterrupt
         self.raised = signum
+        self.acknowledge()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -96,6 +100,13 @@ class _StopFlag:
 
 class Interrupted(Exception):
     """The run was stopped by a signal after checkpointing its last completed round."""
+
+
+class Diverged(Exception):
+    """A method's model or loss became non-finite and ``on_divergence`` is ``stop``."""
+
+
+ON_DIVERGENCE = ("stop", "continue")
 
 
 def run_experiment(
@@ -107,6 +118,7 @@ def run_experiment(
     fresh: bool = False,
     verbosity: int = 1,
     tensorboard: bool = False,
+    on_divergence: str = "stop",
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write config.json, metrics.jsonl, summary.json, plots.
 
@@ -115,11 +127,15 @@ def run_experiment(
     settings is an error; without it, such a run directory is started afresh.
     ``verbosity``: 0 prints nothing, 1 the results table, 2 also one line per round on
     stderr. ``tensorboard`` also writes the round metrics as TensorBoard scalars.
+    A method that diverges (NaN/Inf model or loss) gets ``status: diverged`` in the
+    summary; ``on_divergence="stop"`` then writes the outputs and raises `Diverged`,
+    ``"continue"`` goes on with the other methods.
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
     """
     stream = stream or sys.stdout
-    if verbosity == 0:
-        progress = False
+    if on_divergence not in ON_DIVERGENCE:
+        raise UserError(f"on_divergence: expected stop or continue, got {on_divergence!r}")
+    reporter = Reporter.for_run(progress, verbosity)
     paths = output_paths(cfg.out)
     make_out_dir(paths["dir"])
     ckpt_path = paths["dir"] / "checkpoint.pt"
@@ -154,23 +170,25 @@ def run_experiment(
     summary: dict[str, Any] = {"methods": {}}
     sample_written = False
     board = TensorBoard(paths["dir"] / "tensorboard") if tensorboard else None
-    with _StopFlag() as stop:
+    stopped: Diverged | None = None
+    with _StopFlag(reporter.stopping) as stop:
         for display, base, plugin in cfg.methods():
             if display in done:  # finished before the resume: its outputs are written
                 summary["methods"][display] = done[display]
+                reporter.note(f"{display}: finished before the resume")
                 continue
             runner = MethodRunner(setup, base, plugin)
             if saved is not None and saved["current"] == display:
                 runner.restore(saved["state"])
-            bar = Progress(cfg.rounds, display, enabled=progress)
+            reporter.start_method(display, cfg.rounds, runner.state.round)
             while runner.state.round < cfg.rounds:
                 record = runner.run_round()
                 log.append({"method": display, **record})
-                bar.update(runner.state.round, runner.state.last_acc)
+                reporter.round(record)
                 if board is not None:
                     board.add(display, record)
-                if verbosity >= 2:
-                    sys.stderr.write(_round_line(display, record) + "\n")
+                if runner.diverged:
+                    break
                 every = cfg.checkpoint_every
                 finished = runner.state.round == cfg.rounds
                 if finished:
@@ -180,18 +198,25 @@ def run_experiment(
                         ckpt_path, fingerprint, done, display, runner.checkpoint_state()
                     )
                 if stop.raised:
-                    bar.close()
+                    reporter.end_method()
                     raise Interrupted(
                         f"stopped after round {runner.state.round} of {display}; "
                         "rerun the same command to continue"
                     )
-            bar.close()
+            reporter.end_method()
             summary["methods"][display] = runner.summary()
+            if runner.diverged:
+                message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
+                if on_divergence == "stop":
+                    stopped = Diverged(message)
+                    break
+                sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
+                done[display] = summary["methods"][display]
+                continue
             if runner.has_samples:
-                _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png")
-                if not sample_written:
-                    _write_samples(runner, setup, paths["samples"])
-                    sample_written = True
+                if _write_samples(runner, setup, paths["dir"] / f"samples_{_slug(display)}.png"):
+                    if not sample_written:
+                        sample_written = _write_samples(runner, setup, paths["samples"])
     if board is not None:
         board.close()
     summary["partition"] = partition_stats(setup.partition)
@@ -200,6 +225,8 @@ def run_experiment(
     write_json(paths["summary"], summary)
     title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
     plot_curves(read_metrics(paths["metrics"]), paths["curves"], title)
+    if stopped is not None:
+        raise stopped
     if verbosity >= 1:
         stream.write(format_table(summary["methods"]) + "\n")
         for line in plugin_gains(cfg, summary["methods"]):
@@ -232,20 +259,24 @@ def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
     rounds = {name: done["rounds"] for name, done in saved["done"].items()}
     rounds[saved["current"]] = saved["state"]["round"]
     kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
-    text = "".join(json.dumps(r) + "\n" for r in kept)
+    text = "".join(json_line(r) for r in kept)
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def _write_samples(runner: MethodRunner, setup: Setup, path: Any) -> None:
+def _write_samples(runner: MethodRunner, setup: Setup, path: Any) -> bool:
     gen = torch.Generator(device=setup.device)
     gen.manual_seed(setup.cfg.seed)
     images, labels = runner.plugin.sample_images(8, gen)
+    if not bool(torch.isfinite(images).all()):
+        sys.stderr.write(f"warning: {path} not written: the generator's images are not finite\n")
+        return False
     plot_samples(
         denormalise(images, setup.dataset),
         labels.cpu().numpy(),
         list(setup.dataset.classes),
         path,
     )
+    return True
 
 
 def _slug(name: str) -> str:
@@ -257,9 +288,10 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'method':<16} {'final acc':>9} {'best acc':>9} {'rounds':>6} {'wall s':>8}"]
     for name, s in methods.items():
         final = "-" if s["final_acc"] is None else f"{100 * s['final_acc']:.2f}"
+        note = f"  diverged at round {s['diverged_round']}" if "diverged_round" in s else ""
         lines.append(
             f"{name:<16} {final:>9} {100 * s['best_acc']:>9.2f} {s['rounds']:>6} "
-            f"{s['wall_s']:>8.1f}"
+            f"{s['wall_s']:>8.1f}{note}"
         )
     return "\n".join(lines)
 
@@ -280,15 +312,6 @@ def plugin_gains(cfg: RunConfig, methods: dict[str, dict[str, Any]]) -> list[str
             f"{100 * (a['best_acc'] - b['best_acc']):+.2f} points best accuracy"
         )
     return lines
-
-
-def _round_line(method: str, record: dict[str, Any]) -> str:
-    acc = record.get("test_acc")
-    acc_text = "-" if acc is None else f"{100 * acc:.2f}%"
-    return (
-        f"{method} round {record['round']}: test acc {acc_text}, train loss "
-        f"{record['train_loss']:.4f}, {record['round_s']:.2f}s"
-    )
 
 
 class TensorBoard:
