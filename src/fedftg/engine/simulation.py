@@ -461,7 +461,7 @@ class ServerRunner:
                 "final_acc": None,
                 "final_loss": None,
                 "best_acc": st.best_acc,
-                "rounds": self.diverged_round - 1,
+                "rounds": self.diverged_round,  # the rounds run, the diverged one included
                 "wall_s": st.elapsed_s,
             }
         return {

@@ -125,8 +125,7 @@ def run_sweep(
             sys.executable,
             "-m",
             "fedftg.cli",
-            "run",
-            "--no-progress",
+            "run",  # not a terminal: its log gets one progress line per round
             "--config-json",
             json.dumps(cfg.to_dict()),
         ]
