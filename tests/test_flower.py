@@ -207,12 +207,12 @@ def test_run_config_maps_onto_the_cli_config():
 
 
 def test_flower_app_defaults_are_the_cli_defaults():
-    """The in-process comparisons above rely on it: only rounds, method and out differ."""
+    """The in-process comparisons above rely on it: only rounds and method differ."""
     settings = {k: v for k, v in _app_config().items() if k not in FLOWER_KEYS}
     flower = config_from_run_config(settings).to_dict()
     cli = RunConfig().validate().resolve().to_dict()
     differ = {k for k in flower.keys() | cli.keys() if flower.get(k) != cli.get(k)}
-    assert differ == {"rounds", "method", "out"}
+    assert differ == {"rounds", "method"}
 
 
 def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):

@@ -227,18 +227,18 @@ def test_the_flower_server_refuses_a_directory_of_other_settings(finished, tmp_p
 
 
 def test_both_engines_write_the_same_files(tmp_path, capsys):
-    deploy = pytest.importorskip("test_flower_deploy")  # its SuperLink + SuperNodes
+    pytest.importorskip("flwr")
+    from flower_federation import available, running  # its SuperLink + SuperNodes
+
+    if not available():
+        pytest.skip("the flwr commands are not on PATH")
     flower, local = tmp_path / "flower", tmp_path / "local"
-    fed = deploy.Federation(tmp_path, 2)
-    try:
-        fed.start()
+    with running(tmp_path, 2) as fed:
         proc = fed.run(
             "clients=2 participation=1.0 rounds=1 local-epochs=1 method='fedftg' "
             "ftg-iterations=1 ftg-student-steps=1 "
             f"node-wait=60.0 out='{flower}'"
         )
-    finally:
-        fed.stop()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     args = ["--clients", "2", "--local-epochs", "1", "--participation", "1"]
     args += ["--method", "fedftg", "--ftg-iterations", "1", "--ftg-student-steps", "1"]

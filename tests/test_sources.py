@@ -121,7 +121,19 @@ def test_parse_idx_labels():
     assert parse_idx(_idx_bytes(np.array([3, 1, 4])), "x").tolist() == [3, 1, 4]
 
 
-def _tiny_idx_tree(root: Path, folder: str = "MNIST", compress: bool = True, seed: int = 0):
+def trust_idx_files(monkeypatch, raw: Path) -> None:
+    """Make the md5 tables of MNIST / Fashion-MNIST accept the made-up files in ``raw``."""
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in raw.iterdir()}
+    for name, src in sources.IDX_SOURCES.items():
+        tiny = dataclasses.replace(src, md5={**src.md5, **md5}, raw_md5={**src.raw_md5, **md5})
+        monkeypatch.setitem(sources.IDX_SOURCES, name, tiny)
+
+
+def _tiny_idx_tree(
+    root: Path, folder: str = "MNIST", compress: bool = True, seed: int = 0, monkeypatch=None
+):
+    """Made-up IDX files in the torchvision layout; trusted (md5 tables patched) when
+    ``monkeypatch`` is given."""
     rng = np.random.default_rng(seed)
     raw = root / folder / "raw"
     suffix = ".gz" if compress else ""
@@ -130,12 +142,14 @@ def _tiny_idx_tree(root: Path, folder: str = "MNIST", compress: bool = True, see
             raw / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress
         )
         _write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n), compress)
+    if monkeypatch is not None:
+        trust_idx_files(monkeypatch, raw)
     return raw
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_mnist_layout_gz_or_unpacked(tmp_path, compress):
-    raw = _tiny_idx_tree(tmp_path, compress=compress)
+def test_mnist_layout_gz_or_unpacked(tmp_path, compress, monkeypatch):
+    raw = _tiny_idx_tree(tmp_path, compress=compress, monkeypatch=monkeypatch)
     ds = load_dataset("mnist", tmp_path, download=False)
     assert ds.train_x.shape == (12, 1, 28, 28) and ds.test_x.shape == (5, 1, 28, 28)
     assert ds.train_y.dtype == np.int64 and ds.mean == (0.1307,)
@@ -143,12 +157,14 @@ def test_mnist_layout_gz_or_unpacked(tmp_path, compress):
     np.testing.assert_array_equal(ds.train_y, read_idx(labels))
 
 
-def test_idx_images_and_labels_must_agree(tmp_path):
+def test_idx_images_and_labels_must_agree(tmp_path, monkeypatch):
     raw = _tiny_idx_tree(tmp_path)
     _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.zeros(4))
+    trust_idx_files(monkeypatch, raw)
     with pytest.raises(UserError, match="5 images but 4 labels"):
         load_dataset("mnist", tmp_path, download=False)
     _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.full(5, 10))
+    trust_idx_files(monkeypatch, raw)
     with pytest.raises(UserError, match="out of range") as err:
         load_dataset("mnist", tmp_path, download=False)
     assert "t10k-labels" in str(err.value)
@@ -207,7 +223,7 @@ def _raise(exc: BaseException):
 
 
 def test_download_fills_missing_idx_files(tmp_path, monkeypatch):
-    mirror = _tiny_idx_tree(tmp_path / "mirror", "FashionMNIST", seed=3)
+    mirror = _tiny_idx_tree(tmp_path / "mirror", "FashionMNIST", seed=3, monkeypatch=monkeypatch)
     requested = []
 
     def fake_fetch(url, dest, md5, timeout=60.0):

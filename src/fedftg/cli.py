@@ -100,6 +100,7 @@ IGNORED_KEYS = {
     "fresh",
     "keep_checkpoint",
     "quiet",
+    "on_divergence",
     "verbose",
     "tensorboard",
     "grid",
@@ -159,6 +160,10 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         check_given(cfg, given_keys(values) + given_keys(overrides))
         bases = [cfg.resolve()]
     from fedftg.engine.rundir import expand_out, link_latest
+    from fedftg.engine.sweep import point_line
+
+    def report(r: dict[str, Any]) -> None:
+        print(point_line(r), flush=True)
 
     stamped = []
     for base in bases:  # one directory per sweep, not per point
@@ -166,12 +171,10 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         base.out = str(path)
         if templated:
             stamped.append(path)
-    results = [r for base in bases for r in run_sweep(base, grid, jobs=ns.jobs)]
+    results = [r for base in bases for r in run_sweep(base, grid, jobs=ns.jobs, on_point=report)]
     for path in stamped:
         link_latest(path)
     cfg = bases[0]
-    for r in results:
-        print(f"{r['name']:<40} {r['status']}  ({r['out']})")
     failed = [r for r in results if r["status"].startswith("failed")]
     if failed:
         sys.stderr.write(f"error: {len(failed)} run(s) failed; see {failed[0]['log']}\n")
@@ -199,7 +202,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         shown = [c.to_dict() for c in configs]
         print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
         return 0
-    from fedftg.engine.run import Interrupted, run_experiment
+    from fedftg.engine.run import Diverged, Interrupted, run_experiment
 
     verbosity = 0 if ns.quiet else 2 if ns.verbose else 1
     for cfg in configs:
@@ -212,10 +215,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
                 keep_checkpoint=ns.keep_checkpoint,
                 verbosity=verbosity,
                 tensorboard=ns.tensorboard,
+                on_divergence=ns.on_divergence,
             )
         except Interrupted as exc:
             sys.stderr.write(f"interrupted: {exc}\n")
             return 130
+        except Diverged as exc:
+            sys.stderr.write(f"error: {exc}; outputs written to {cfg.out}\n")
+            from fedftg.engine.sweep import EXIT_DIVERGED
+
+            return EXIT_DIVERGED
     return 0
 
 
@@ -344,8 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the full final checkpoint (every client's state) instead of the small one",
     )
-    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    run.add_argument("--verbose", action="store_true", help="one line per round on stderr")
+    run.add_argument(
+        "--quiet", action="store_true", help="print nothing but errors (no progress either)"
+    )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="one line per round on stderr, also on a terminal (default there: a bar)",
+    )
+    run.add_argument(
+        "--on-divergence",
+        choices=("stop", "continue"),
+        default="stop",
+        help="a method whose model or loss becomes NaN/Inf: stop the run (exit 3) or record "
+        "status 'diverged' in summary.json and go on with the other methods [stop]",
+    )
     run.add_argument(
         "--tensorboard", action="store_true", help="also write TensorBoard scalars to --out"
     )

@@ -65,13 +65,32 @@ def load_imagefolder(source: Path) -> FolderArrays:
     if not source.exists():
         raise UserError(f"{source}: image folder or .zip not found")
     if not source.is_dir() and not zipfile.is_zipfile(source):
-        raise UserError(f"{source}: not a folder or a .zip archive")
+        raise UserError(_not_a_zip(source))
     cache = _cache_path(source)
     arrays = _read_cache(cache)
     if arrays is None:
         arrays = decode_folder(source)
         _write_cache(cache, arrays)
     return arrays
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _not_a_zip(source: Path) -> str:
+    """Why ``source`` cannot be opened as a zip: damaged (a zip's start or name, but no
+    readable table of contents, e.g. a truncated download) or not a zip at all."""
+    try:
+        with source.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        return f"{source}: cannot read ({exc.strerror or exc})"
+    if head == ZIP_MAGIC or source.suffix.lower() == ".zip":
+        return (
+            f"{source}: the zip archive is damaged (truncated or corrupt: its table of "
+            "contents cannot be read); copy or download it again"
+        )
+    return f"{source}: not a folder or a .zip archive"
 
 
 def count_classes(source: Path) -> int | None:
@@ -194,6 +213,8 @@ def decode_image(read: Reader, name: str, source: Path) -> np.ndarray:
         with Image.open(io.BytesIO(read(name))) as im:
             arr = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
     except DECODE_ERRORS as exc:
+        if isinstance(exc, zipfile.BadZipFile):
+            raise UserError(f"{source}: the zip archive is damaged at {name} ({exc})") from None
         raise UserError(f"{source}: cannot decode image {name} ({exc})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

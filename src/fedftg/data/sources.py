@@ -9,6 +9,7 @@ silently wrong dataset.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -187,6 +188,7 @@ class IdxSource:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     md5: dict[str, str]  # per .gz file, as published
+    raw_md5: dict[str, str]  # per unpacked file: the md5 of what the published .gz holds
 
 
 IDX_SOURCES = {
@@ -201,6 +203,12 @@ IDX_SOURCES = {
             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        {
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
         },
     ),
     "fmnist": IdxSource(
@@ -226,6 +234,12 @@ IDX_SOURCES = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        {
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
     ),
 }
 
@@ -247,7 +261,8 @@ def _idx_split(
     """Images (N, 1, H, W) and int64 labels of one split, checked against each other."""
     images_path = _idx_file(src, raw / f"{prefix}-images-idx3-ubyte", download)
     labels_path = _idx_file(src, raw / f"{prefix}-labels-idx1-ubyte", download)
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images = read_idx(images_path, known_md5(src, images_path))
+    labels = read_idx(labels_path, known_md5(src, labels_path))
     if images.ndim != 3 or labels.ndim != 1:
         raise UserError(f"{images_path}: expected 3-d images and 1-d labels in {labels_path}")
     if len(images) != len(labels):
@@ -268,10 +283,33 @@ def _idx_file(src: IdxSource, stem: Path, download: bool) -> Path:
     return fetch(src.url + gz.name, gz, src.md5[gz.name])
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file of unsigned bytes, gzipped or not, checking its header."""
+def known_md5(src: IdxSource, path: Path) -> str:
+    """The published md5 of ``path`` (a .gz as released, or the file it unpacks to)."""
+    return src.md5.get(path.name) or src.raw_md5[path.name]
+
+
+def _identify(md5: str) -> str:
+    """' (it is <dataset>'s <file>)' when ``md5`` is another known file's, else ''."""
+    for name, src in IDX_SOURCES.items():
+        for file, known in (*src.md5.items(), *src.raw_md5.items()):
+            if known == md5:
+                return f" (it is {name}'s {file})"
+    return ""
+
+
+def read_idx(path: Path, md5: str | None = None) -> np.ndarray:
+    """Read an IDX file of unsigned bytes, gzipped or not, checking its header.
+
+    With ``md5``, the file's bytes (hashed as read: no second pass) must have it."""
     try:
         data = path.read_bytes()
+        if md5 is not None:
+            got = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if got != md5:
+                raise UserError(
+                    f"{path}: md5 {got} is not the published {md5}{_identify(got)}; a "
+                    "different or damaged file: delete it to download the original again"
+                )
         if data[:2] == GZIP_MAGIC:
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:

@@ -5,22 +5,25 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from fedftg.config import RunConfig
+from fedftg.engine.progress import Reporter
 from fedftg.engine.rundir import RunDir
 from fedftg.engine.simulation import MethodRunner, prepare
 from fedftg.errors import UserError
-from fedftg.report.progress import Progress
 
 
 class _StopFlag:
     """SIGINT/SIGTERM set a flag: the current round finishes, a checkpoint is written, and
-    the run stops. A second signal stops at once."""
+    the run stops. A second signal stops at once. ``acknowledge`` is called at the first
+    signal, so the user hears at once that it was seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, acknowledge: Callable[[], None] = lambda: None) -> None:
         self.raised: int | None = None
+        self.acknowledge = acknowledge
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -33,6 +36,7 @@ class _StopFlag:
         if self.raised is not None:
             raise KeyboardInterrupt
         self.raised = signum
+        self.acknowledge()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -41,6 +45,13 @@ class _StopFlag:
 
 class Interrupted(Exception):
     """The run was stopped by a signal after checkpointing its last completed round."""
+
+
+class Diverged(Exception):
+    """A method's model or loss became non-finite and ``on_divergence`` is ``stop``."""
+
+
+ON_DIVERGENCE = ("stop", "continue")
 
 
 def run_experiment(
@@ -53,6 +64,7 @@ def run_experiment(
     keep_checkpoint: bool = False,
     verbosity: int = 1,
     tensorboard: bool = False,
+    on_divergence: str = "stop",
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write the run directory (`fedftg.engine.rundir`).
 
@@ -63,11 +75,15 @@ def run_experiment(
     checkpoint (client state included) instead of the small one.
     ``verbosity``: 0 prints nothing, 1 the results table, 2 also one line per round on
     stderr. ``tensorboard`` also writes the round metrics as TensorBoard scalars.
+    A method that diverges (NaN/Inf model or loss) gets ``status: diverged`` in the
+    summary; ``on_divergence="stop"`` then writes the outputs and raises `Diverged`,
+    ``"continue"`` goes on with the other methods.
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
     """
     stream = stream or sys.stdout
-    if verbosity == 0:
-        progress = False
+    if on_divergence not in ON_DIVERGENCE:
+        raise UserError(f"on_divergence: expected stop or continue, got {on_divergence!r}")
+    reporter = Reporter.for_run(progress, verbosity)
     setup = prepare(cfg)  # bad input (data, sizes) is reported before the directory
     run = RunDir.open(
         cfg, engine="in-process", fresh=fresh, resume=resume, keep_checkpoint=keep_checkpoint
@@ -76,36 +92,46 @@ def run_experiment(
     board = TensorBoard(run.path / "tensorboard") if tensorboard else None
     run.start(setup.partition, setup.dataset)
     methods: dict[str, Any] = {}
-    with _StopFlag() as stop:
+    stopped: Diverged | None = None
+    with _StopFlag(reporter.stopping) as stop:
         for display, base, plugin in cfg.methods():
             if run.is_finished(display):  # finished before the resume: its outputs are written
                 methods[display] = run.done[display]
+                reporter.note(f"{display}: finished before the resume")
                 continue
             runner = MethodRunner(setup, base, plugin)
             saved = run.restore_point(display)
             if saved is not None:
                 runner.restore(saved)
-            bar = Progress(cfg.rounds, display, enabled=progress)
+            reporter.start_method(display, cfg.rounds, runner.state.round)
             while runner.state.round < cfg.rounds:
                 record = runner.run_round()
                 run.append(display, record)
-                bar.update(runner.state.round, runner.state.last_acc)
+                reporter.round(record)
                 if board is not None:
                     board.add(display, record)
-                if verbosity >= 2:
-                    sys.stderr.write(_round_line(display, record) + "\n")
+                if runner.diverged:
+                    break
                 run.end_round(display, runner, force=stop.raised is not None)
                 if stop.raised:
-                    bar.close()
+                    reporter.end_method()
                     raise Interrupted(
                         f"stopped after round {runner.state.round} of {display}; "
                         f"rerun the same command (with --out {run.path}) to continue"
                     )
-            bar.close()
-            methods[display] = run.method_finished(display, runner)
+            reporter.end_method()
+            methods[display] = run.method_finished(display, runner, samples=not runner.diverged)
+            if runner.diverged:
+                message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
+                if on_divergence == "stop":
+                    stopped = Diverged(message)
+                    break
+                sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
     if board is not None:
         board.close()
     summary = run.finish(methods, setup.partition)
+    if stopped is not None:
+        raise stopped
     if verbosity >= 1:
         stream.write(format_table(summary["methods"]) + "\n")
         for line in plugin_gains(cfg, summary["methods"]):
@@ -119,9 +145,10 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'method':<16} {'final acc':>9} {'best acc':>9} {'rounds':>6} {'wall s':>8}"]
     for name, s in methods.items():
         final = "-" if s["final_acc"] is None else f"{100 * s['final_acc']:.2f}"
+        note = f"  diverged at round {s['diverged_round']}" if "diverged_round" in s else ""
         lines.append(
             f"{name:<16} {final:>9} {100 * s['best_acc']:>9.2f} {s['rounds']:>6} "
-            f"{s['wall_s']:>8.1f}"
+            f"{s['wall_s']:>8.1f}{note}"
         )
     return "\n".join(lines)
 
@@ -142,15 +169,6 @@ def plugin_gains(cfg: RunConfig, methods: dict[str, dict[str, Any]]) -> list[str
             f"{100 * (a['best_acc'] - b['best_acc']):+.2f} points best accuracy"
         )
     return lines
-
-
-def _round_line(method: str, record: dict[str, Any]) -> str:
-    acc = record.get("test_acc")
-    acc_text = "-" if acc is None else f"{100 * acc:.2f}%"
-    return (
-        f"{method} round {record['round']}: test acc {acc_text}, train loss "
-        f"{record['train_loss']:.4f}, {record['round_s']:.2f}s"
-    )
 
 
 class TensorBoard:

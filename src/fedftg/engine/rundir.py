@@ -54,6 +54,7 @@ from fedftg.errors import UserError
 from fedftg.report.files import (
     MetricsLog,
     atomic_write,
+    json_line,
     read_metrics,
     remove_stale_tmp,
     write_error,
@@ -438,12 +439,17 @@ class RunDir:
             self._save(method if current is not None else None, current)
 
     def method_finished(
-        self, method: str, runner: ServerRunner, extra: dict[str, Any] | None = None
+        self,
+        method: str,
+        runner: ServerRunner,
+        extra: dict[str, Any] | None = None,
+        samples: bool = True,
     ) -> dict[str, Any]:
-        """After a method's last round: its summary; writes its generated samples."""
+        """After a method's last round (or its divergence): its summary; writes its
+        generated samples unless ``samples`` is false (a diverged generator's are noise)."""
         if method not in self.done or self.done[method]["rounds"] < runner.state.round:
             self._note_finished(method, runner, extra)
-        if runner.has_samples:
+        if samples and runner.has_samples:
             self._write_samples(runner, self.path / f"samples_{method.replace('+', '_')}.png")
             if method == self._first_sampler:
                 self._write_samples(runner, self.paths["samples"])
@@ -491,6 +497,9 @@ class RunDir:
         gen = torch.Generator(device=runner.device)
         gen.manual_seed(self.cfg.seed)
         images, labels = runner.plugin.sample_images(8, gen)  # type: ignore[union-attr]
+        if not bool(torch.isfinite(images).all()):
+            _stderr_warning(f"{path} not written: the generator's images are not finite")
+            return
         ds = runner.dataset
         plot_samples(denormalise(images, ds), labels.cpu().numpy(), list(ds.classes), path)
 
@@ -507,7 +516,7 @@ def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
     for name, state in saved_states(saved).items():
         rounds[name] = max(rounds.get(name, 0), int(state["round"]))
     kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
-    text = "".join(json.dumps(r) + "\n" for r in kept)
+    text = "".join(json_line(r) for r in kept)
     atomic_write(path, lambda p: p.write_text(text))
 
 

@@ -8,6 +8,7 @@ not depend on execution order.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,25 @@ class MethodState:
     best_acc: float = 0.0
     last_acc: float | None = None
     last_loss: float | None = None
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state holds only finite values."""
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+def upload_problem(
+    state: dict[str, torch.Tensor], upload: dict[str, torch.Tensor], loss: float
+) -> str | None:
+    """Why a client's upload cannot be aggregated for NaN/Inf (None if all finite): the
+    one check both engines apply (the Flower strategy and `MethodRunner`)."""
+    if not all_finite(state):
+        return "model holds NaN or Inf"
+    if not all_finite(upload):
+        return "upload holds NaN or Inf"
+    if not math.isfinite(loss):
+        return "loss is not a finite number"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -327,6 +347,14 @@ class ServerRunner:
             global_state=detached_state(self.model),
             server_state=self.method.init_server_state(self.model),
         )
+        self.diverged: str | None = None  # why the method stopped (None while it is fine)
+        self.diverged_round = 0
+
+    def mark_diverged(self, record: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Record that the method diverged in ``record``'s round; returns the record."""
+        self.diverged, self.diverged_round = reason, int(record["round"])
+        record["status"] = "diverged"
+        return record
 
     def server_update(
         self, results: list[LocalResult], histograms: list[np.ndarray], start: float
@@ -366,16 +394,24 @@ class ServerRunner:
             record.update(evaluate_ensemble(teachers, counts, self.test, cfg.eval_batch_size))
         st.global_state = new_state
         st.round = t + 1
-        if evaluate_now:
-            st.last_acc, st.last_loss = evaluate(self.model, self.test, cfg.eval_batch_size)
-            st.best_acc = max(st.best_acc, st.last_acc)
-            record["test_acc"], record["test_loss"] = st.last_acc, st.last_loss
-        else:
-            record["test_acc"], record["test_loss"] = None, None
+        record["test_acc"], record["test_loss"] = None, None
+        if not all_finite(new_state):
+            self.mark_diverged(record, "the global model holds NaN or Inf")
+        elif evaluate_now:
+            acc, loss = evaluate(self.model, self.test, cfg.eval_batch_size)
+            record["test_acc"], record["test_loss"] = acc, loss
+            if math.isfinite(loss):
+                st.last_acc, st.last_loss = acc, loss
+                st.best_acc = max(st.best_acc, acc)
+            else:
+                self.mark_diverged(record, "the test loss is not finite")
+        return self._timed(record, start)
+
+    def _timed(self, record: dict[str, Any], start: float) -> dict[str, Any]:
         round_s = time.perf_counter() - start
-        st.elapsed_s += round_s
+        self.state.elapsed_s += round_s
         record["round_s"] = round_s
-        record["elapsed_s"] = st.elapsed_s
+        record["elapsed_s"] = self.state.elapsed_s
         return record
 
     def _teacher_models(self, results: list[LocalResult]) -> Teachers:
@@ -434,7 +470,19 @@ class ServerRunner:
 
     def summary(self) -> dict[str, Any]:
         st = self.state
+        if self.diverged:
+            return {
+                "status": "diverged",
+                "diverged_round": self.diverged_round,
+                "reason": self.diverged,
+                "final_acc": None,
+                "final_loss": None,
+                "best_acc": st.best_acc,
+                "rounds": self.diverged_round,  # the rounds run, the diverged one included
+                "wall_s": st.elapsed_s,
+            }
         return {
+            "status": "ok",
             "final_acc": st.last_acc,
             "final_loss": st.last_loss,
             "best_acc": st.best_acc,
@@ -453,8 +501,28 @@ class MethodRunner(ServerRunner):
         self.setup = setup
 
     def run_round(self) -> dict[str, Any]:
-        """One round; returns its metrics record (without the method name)."""
-        return self.server_update(*self.local_round())
+        """One round; returns its metrics record (without the method name).
+
+        Uploads holding NaN/Inf are left out of the aggregate and counted (``rejected``);
+        a round with no finite upload, a non-finite global model or test loss marks the
+        method diverged (``status: diverged`` in the record, `diverged` set)."""
+        results, histograms, start = self.local_round()
+        kept = [
+            (r, h)
+            for r, h in zip(results, histograms, strict=True)
+            if upload_problem(r.state, r.upload, r.loss) is None
+        ]
+        rejected = len(results) - len(kept)
+        if not kept:
+            t = self.state.round
+            record = {"round": t + 1, "clients": 0, "rejected": rejected}
+            record["lr"] = self.cfg.lr * self.cfg.lr_decay**t
+            record.update(train_loss=None, test_acc=None, test_loss=None)
+            reason = f"all {rejected} client uploads hold NaN or Inf (try a smaller --lr)"
+            return self._timed(self.mark_diverged(record, reason), start)
+        record = self.server_update([r for r, _ in kept], [h for _, h in kept], start)
+        record["rejected"] = rejected
+        return record
 
     def local_round(self) -> tuple[list[LocalResult], list[np.ndarray], float]:
         """The selected clients' local training of this round: uploads, label histograms and

@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,10 +76,34 @@ def is_complete(cfg: RunConfig) -> bool:
     return same and done
 
 
+def point_line(r: dict[str, Any]) -> str:
+    """The line a sweep prints for a point as it finishes (or is skipped)."""
+    return f"{r['name']:<40} {r['status']}  ({r['out']})"
+
+
+# exit status of a child `fedftg run` whose method diverged (see `fedftg.cli`)
+EXIT_DIVERGED = 3
+
+
 def run_sweep(
-    base: RunConfig, grid: dict[str, list[Any]], jobs: int = 1, config_file: str | None = None
+    base: RunConfig,
+    grid: dict[str, list[Any]],
+    jobs: int = 1,
+    config_file: str | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every grid point not yet complete; returns one status dict per point."""
+    """Run every grid point not yet complete; returns one status dict per point.
+
+    ``on_point`` is called with each point's status as soon as it is known (skipped ones
+    first, then each run as it finishes), from the calling thread's lock-guarded workers."""
+    lock = threading.Lock()
+
+    def tell(r: dict[str, Any]) -> dict[str, Any]:
+        if on_point is not None:
+            with lock:
+                on_point(r)
+        return r
+
     if jobs < 1:
         raise UserError(f"jobs: must be >= 1, got {jobs}")
     points = grid_points(base, grid)
@@ -87,6 +113,8 @@ def run_sweep(
         for n, c in points
         if (n, c) not in todo
     ]
+    for r in status:
+        tell(r)
     Path(base.out).mkdir(parents=True, exist_ok=True)
     # the caller's thread setting wins; otherwise the cores are split between the jobs
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
@@ -97,8 +125,7 @@ def run_sweep(
             sys.executable,
             "-m",
             "fedftg.cli",
-            "run",
-            "--no-progress",
+            "run",  # not a terminal: its log gets one progress line per round
             "--config-json",
             json.dumps(cfg.to_dict()),
         ]
@@ -107,12 +134,10 @@ def run_sweep(
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
             code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-        return {
-            "name": name,
-            "out": cfg.out,
-            "status": "done" if code == 0 else f"failed ({code})",
-            "log": str(log),
-        }
+        text = "done" if code == 0 else f"failed ({code})"
+        if code == EXIT_DIVERGED:
+            text = "failed (diverged)"
+        return tell({"name": name, "out": cfg.out, "status": text, "log": str(log)})
 
     if jobs == 1:
         status += [launch(item) for item in todo]

@@ -10,18 +10,16 @@ plug-in (FedFTG / FedDF) on the teachers that replied. The maths is the shared
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedftg.engine.simulation import ServerRunner
+from fedftg.engine.simulation import ServerRunner, upload_problem
 from fedftg.flower.common import config_to_json, from_record, to_record
 from fedftg.methods.aggregation import select_clients
 from fedftg.methods.client import LocalResult
@@ -125,13 +123,14 @@ class FedFTGStrategy(Strategy):
         for name, arr in model.items():
             if tuple(arr.shape) != tuple(expected[name].shape):
                 return f"model entry {name} has shape {tuple(arr.shape)}"
-        state = model.to_torch_state_dict()
-        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-            return "model holds NaN or Inf"
-        upload = content["upload"].to_torch_state_dict()
-        if not all(torch.isfinite(v).all() for v in upload.values() if v.is_floating_point()):
-            return "upload holds NaN or Inf"
         metrics = content["metrics"]
+        loss = metrics.get("loss")
+        if not isinstance(loss, float):
+            return "loss is not a finite number"
+        state, upload = model.to_torch_state_dict(), content["upload"].to_torch_state_dict()
+        problem = upload_problem(state, upload, loss)
+        if problem is not None:
+            return problem
         hist = metrics.get("histogram")
         classes = self.runner.dataset.num_classes
         if not isinstance(hist, list) or len(hist) != classes:
@@ -143,9 +142,6 @@ class FedFTGStrategy(Strategy):
             return "num-examples is not a positive integer"
         if self.runner.cfg.histogram_epsilon == 0 and sum(hist) != n:
             return "label histogram does not add up to num-examples"
-        loss = metrics.get("loss")
-        if not isinstance(loss, float) or not math.isfinite(loss):
-            return "loss is not a finite number"
         return None
 
     def _parse(self, msg: Message) -> tuple[int, LocalResult, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -68,9 +69,43 @@ def remove_stale_tmp(folder: str | Path) -> list[Path]:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    """Atomically write ``obj`` as indented, strict JSON (non-finite numbers as null)."""
+    text = json.dumps(strict(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON metrics line; a record that held NaN/Inf gets a ``status`` saying so
+    (unless it has one), so a null is never mistaken for "not measured"."""
+    clean = strict(record)
+    if clean != _plain(record) and "status" not in clean:
+        clean["status"] = "non-finite"
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with NaN/Inf as None, arrays/tensors as lists and paths as strings: what
+    strict JSON parsers (JavaScript's JSON.parse) accept."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return strict(_jsonable(obj))
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with the same container and type conversions as `strict`, values kept."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool, float)):
+        return obj
+    return _plain(_jsonable(obj))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -92,7 +127,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=_jsonable) + "\n"
+        line = json_line(record)
         with self.path.open("a") as fh:
             fh.write(line)
             fh.flush()

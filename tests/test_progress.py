@@ -1,0 +1,112 @@
+"""Progress on stderr: a line per round without a terminal, none with --quiet, a resumed run
+says where it resumed, a sweep reports each point as it finishes, Ctrl-C is acknowledged."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import subprocess
+
+import pytest
+
+from fedftg.cli import main
+from fedftg.config import RunConfig
+from fedftg.engine import sweep
+from fedftg.engine.progress import Reporter
+from fedftg.engine.run import _StopFlag
+from fedftg.engine.simulation import MethodRunner
+
+FAST = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
+FAST += ["--local-steps", "2", "--method", "fedavg"]
+
+
+def _run(capsys, args):
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_no_terminal_prints_one_line_per_round(tmp_path, capsys):
+    code, _, err = _run(capsys, ["run", *FAST, "--out", str(tmp_path / "r")])
+    assert code == 0
+    rounds = [line for line in err.splitlines() if re.match(r"fedavg round \d/2: test acc", line)]
+    assert len(rounds) == 2 and "ETA" in rounds[-1] and "\r" not in err
+
+
+def test_quiet_prints_no_progress(tmp_path, capsys):
+    code, out, err = _run(capsys, ["run", *FAST, "--quiet", "--out", str(tmp_path / "q")])
+    assert code == 0 and err == "" and out == ""
+
+
+def test_resumed_run_says_where(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "res")
+    real = MethodRunner.run_round
+    calls = []
+
+    def crash_in_round_2(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(MethodRunner, "run_round", crash_in_round_2)
+    code, _, _ = _run(capsys, ["run", *FAST, "--checkpoint-every", "1", "--out", out])
+    assert code == 130
+    monkeypatch.setattr(MethodRunner, "run_round", real)
+    code, _, err = _run(capsys, ["run", *FAST, "--checkpoint-every", "1", "--out", out])
+    assert code == 0 and "fedavg: resumed at round 2 of 2" in err
+    assert "fedavg round 2/2" in err and "fedavg round 1/2" not in err
+
+
+def test_rate_counts_only_the_rounds_run():
+    stream = io.StringIO()
+    rep = Reporter("lines", stream)
+    rep.start_method("m", 10, done=8)
+    rep.start -= 2.0  # two seconds into the resumed run
+    rep.round({"round": 9, "test_acc": 0.5, "train_loss": 1.0, "round_s": 2.0})
+    assert "resumed at round 9 of 10" in stream.getvalue()
+    assert "ETA 0:02" in stream.getvalue()  # one round left at 2 s/round, not 2/9 s
+
+
+def test_first_signal_is_acknowledged_at_once_second_stops():
+    stream = io.StringIO()
+    rep = Reporter("off", stream)  # even --quiet hears it
+    rep.start_method("fedavg", 5, done=0)
+    rep.round({"round": 2, "round_s": 1.0})
+    stop = _StopFlag(rep.stopping)
+    stop._handle(signal.SIGINT, None)
+    assert stream.getvalue() == (
+        "finishing round 3 of fedavg, then saving; Ctrl-C again to stop now\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_sweep_reports_each_point_as_it_finishes(tmp_path, monkeypatch):
+    events = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, **kwargs):
+        events.append("run")
+        return Done()
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    base = RunConfig(out=str(tmp_path / "sw"), method=["fedavg"]).validate()
+    sweep.run_sweep(base, {"seed": ["0", "1"]}, on_point=lambda r: events.append(r["name"]))
+    assert events == ["run", "seed=0", "run", "seed=1"]
+
+
+def test_sweep_cli_prints_point_lines(tmp_path, monkeypatch, capsys):
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: Done())
+    code, out, _ = _run(capsys, ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "s")])
+    assert code == 0 and re.search(r"seed=0\s+done", out) and re.search(r"seed=1\s+done", out)
+    assert subprocess is sweep.subprocess
