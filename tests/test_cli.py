@@ -8,20 +8,12 @@ import sys
 
 import pytest
 
+from clirun import run_cli as _run
 from fedftg.cli import main
 from fedftg.config import RunConfig, build_config, config_from_dict
 from fedftg.errors import UserError
 
 FAST = ["--rounds", "2", "--clients", "4", "--local-epochs", "1", "--participation", "1"]
-
-
-def _run(capsys, args: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_run_writes_the_contract_files(tmp_path, capsys):

@@ -10,22 +10,13 @@ import sys
 import pytest
 import torch
 
-from fedftg.cli import main
+from clirun import run_cli as _run
 from fedftg.config import RunConfig, build_config, config_from_dict, fingerprint
 from fedftg.engine.simulation import client_method
 from fedftg.methods.client import LocalContext, LocalSpec, detached_state, train_local
 from fedftg.presets import available, load_preset, preset_runs
 from test_methods import TinyNet
 from test_vectorised import _data
-
-
-def _run(capsys, args):
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _by_method(name: str) -> dict[str, RunConfig]:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fedftg.cli import main
+from clirun import run_cli as _run
 from fedftg.config import RunConfig
 from fedftg.engine import sweep
 from fedftg.engine.progress import Reporter
@@ -19,15 +19,6 @@ from fedftg.engine.simulation import MethodRunner
 
 FAST = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
 FAST += ["--local-steps", "2", "--method", "fedavg"]
-
-
-def _run(capsys, args):
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_no_terminal_prints_one_line_per_round(tmp_path, capsys):
