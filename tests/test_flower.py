@@ -254,6 +254,36 @@ def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):
     assert "Traceback" not in output
 
 
+def test_a_diverging_flower_run_stops_with_one_error_line_and_strict_json(simulation, tmp_path):
+    settings = {
+        "clients": 2,
+        "participation": 1.0,
+        "rounds": 2,
+        "local-epochs": 1,
+        "lr": 1e6,
+        "method": "fedavg",
+        "node-wait": 30.0,
+        "out": str(tmp_path / "nan"),
+    }
+    output = _flwr_run(simulation, settings, nodes=2, status="finished:failed")
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "fedavg diverged at round" in errors[0], output[-3000:]
+    assert "Traceback" not in output
+    summary = json.loads(
+        (tmp_path / "nan" / "summary.json").read_text(), parse_constant=_refuse_constant
+    )
+    assert summary["methods"]["fedavg"]["status"] == "diverged"
+
+    settings.update({"out": str(tmp_path / "on"), "on-divergence": "continue"})
+    _flwr_run(simulation, settings, nodes=2)  # completes, the method marked diverged
+    summary = json.loads((tmp_path / "on" / "summary.json").read_text())
+    assert summary["methods"]["fedavg"]["status"] == "diverged"
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"not strict JSON: {name}")
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

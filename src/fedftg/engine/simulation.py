@@ -82,17 +82,25 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
 
 
+NONFINITE_PROBLEMS = (
+    "model holds NaN or Inf",
+    "upload holds NaN or Inf",
+    "loss is not a finite number",
+)
+
+
 def upload_problem(
     state: dict[str, torch.Tensor], upload: dict[str, torch.Tensor], loss: float
 ) -> str | None:
     """Why a client's upload cannot be aggregated for NaN/Inf (None if all finite): the
     one check both engines apply (the Flower strategy and `MethodRunner`)."""
-    if not all_finite(state):
-        return "model holds NaN or Inf"
-    if not all_finite(upload):
-        return "upload holds NaN or Inf"
-    if not math.isfinite(loss):
-        return "loss is not a finite number"
+    for problem, ok in zip(
+        NONFINITE_PROBLEMS,
+        (all_finite(state), all_finite(upload), math.isfinite(loss)),
+        strict=True,
+    ):
+        if not ok:
+            return problem
     return None
 
 

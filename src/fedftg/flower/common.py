@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedftg.config import RunConfig, apply_overrides, check_given, config_from_dict, given_keys
+from fedftg.engine.run import Diverged
 from fedftg.errors import UserError
 
 CLIENT_STATE_KEY = "fedftg-client-state"
@@ -61,7 +62,7 @@ _FILTER = _ReportedWithoutTraceback()
 
 @contextmanager
 def report_user_errors(logger: logging.Logger) -> Iterator[None]:
-    """A `UserError` inside becomes one ``error:`` line on ``logger`` and a failed app.
+    """A `UserError` or a `Diverged` run inside: one ``error:`` line and a failed app.
 
     The error is re-raised as a `ReportedError`, so Flower still ends the app as failed
     (run status ``finished:failed`` with the message as its details, a non-zero exit of
@@ -71,7 +72,7 @@ def report_user_errors(logger: logging.Logger) -> Iterator[None]:
         yield
     except ReportedError:
         raise
-    except UserError as err:
+    except (UserError, Diverged) as err:
         flwr_logger = logging.getLogger("flwr")
         if _FILTER not in flwr_logger.filters:
             flwr_logger.addFilter(_FILTER)

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.run import format_table, plugin_gains
+from fedftg.engine.run import ON_DIVERGENCE, Diverged, format_table, plugin_gains
 from fedftg.engine.rundir import FLOWER_HINTS, RunDir
 from fedftg.engine.simulation import ServerRunner, initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
@@ -38,6 +38,7 @@ FLOWER_KEYS = {
     "resume": False,
     "fresh": False,
     "keep-checkpoint": False,
+    "on-divergence": "stop",
 }
 
 app = ServerApp()
@@ -63,18 +64,22 @@ def main(grid: Grid, context: Context) -> None:
             resume=bool(options["resume"]),
             fresh=bool(options["fresh"]),
             keep_checkpoint=bool(options["keep-checkpoint"]),
+            on_divergence=str(options["on-divergence"]),
         )
 
 
 def _flower_option(key: str, value: Any) -> Any:
-    """A Flower-only setting, checked: a bool for ``resume``, else a positive number."""
+    """A Flower-only setting, checked: a bool for the switches, ``stop`` or ``continue`` for
+    ``on-divergence``, else a positive number."""
     default = FLOWER_KEYS[key]
     if isinstance(default, bool):
-        ok = isinstance(value, bool)
+        ok, what = isinstance(value, bool), "true or false"
+    elif isinstance(default, str):
+        ok, what = value in ON_DIVERGENCE, " or ".join(ON_DIVERGENCE)
     else:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        what = "a number > 0"
     if not ok:
-        what = "true or false" if isinstance(default, bool) else "a number > 0"
         raise UserError(f"run config: {key}: must be {what}, got {value!r}")
     return value
 
@@ -122,6 +127,7 @@ def run_federation(
     resume: bool = False,
     fresh: bool = False,
     keep_checkpoint: bool = False,
+    on_divergence: str = "stop",
 ) -> dict[str, Any]:
     """Run every method of ``cfg`` over the nodes of ``grid``; write the run directory.
 
@@ -129,7 +135,8 @@ def run_federation(
     the same settings continue from the server's checkpoint (global model, method server
     state, generator, round), other settings are refused unless ``fresh``, ``resume`` may
     raise the rounds of a finished run. Client-side method state lives on the nodes (their
-    Context) and is not checkpointed.
+    Context) and is not checkpointed. A method that diverges is handled as in `fedftg
+    run` (``on_divergence``): ``stop`` writes the outputs and raises `Diverged`.
     """
     run = RunDir.open(
         cfg,
@@ -151,6 +158,7 @@ def run_federation(
         raise UserError(f"min-replies: only {len(node_of)} nodes answered")
     run.start(partition, ds)
     methods: dict[str, Any] = {}
+    stopped: Diverged | None = None
     for display, base, plugin in cfg.methods():
         if run.is_finished(display):
             methods[display] = run.done[display]
@@ -167,7 +175,10 @@ def run_federation(
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=round_timeout)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
-            if new_arrays is None:  # too few valid replies: the round is skipped
+            if new_arrays is None and runner.diverged:  # no finite upload this round
+                runner.state.round += 1
+                run.append(display, strategy.last_record or {})
+            elif new_arrays is None:  # too few valid replies: the round is skipped
                 runner.state.round += 1
                 run.append(
                     display,
@@ -182,9 +193,20 @@ def run_federation(
             else:
                 run.append(display, strategy.last_record or {})
                 log.info("%s round %d: %s", display, server_round, strategy.last_record)
+            if runner.diverged:
+                break
             run.end_round(display, runner, {"rejected": strategy.rejected})
-        methods[display] = run.method_finished(display, runner, {"rejected": strategy.rejected})
+        extra = {"rejected": strategy.rejected}
+        methods[display] = run.method_finished(display, runner, extra, samples=not runner.diverged)
+        if runner.diverged:
+            message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
+            if on_divergence == "stop":
+                stopped = Diverged(message)
+                break
+            log.warning("%s; going on (on-divergence=continue)", message)
     summary = run.finish(methods, partition)
+    if stopped is not None:
+        raise stopped
     log.info("\n%s", format_table(summary["methods"]))
     for line in plugin_gains(cfg, summary["methods"]):
         log.info(line)

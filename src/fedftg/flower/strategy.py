@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedftg.engine.simulation import ServerRunner, upload_problem
+from fedftg.engine.simulation import NONFINITE_PROBLEMS, ServerRunner, upload_problem
 from fedftg.flower.common import config_to_json, from_record, to_record
 from fedftg.methods.aggregation import select_clients
 from fedftg.methods.client import LocalResult
@@ -80,13 +80,22 @@ class FedFTGStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, aggregate, run the server plug-in; None if too few replied."""
         accepted: list[tuple[int, LocalResult, np.ndarray]] = []
+        replies = list(replies)
+        nonfinite = 0
         for msg in replies:
             problem = self.check_reply(msg)
             if problem is not None:
                 self.rejected.append(f"round {server_round}: {problem}")
                 log.warning("round %d: reply rejected: %s", server_round, problem)
+                nonfinite += problem in NONFINITE_PROBLEMS
                 continue
             accepted.append(self._parse(msg))
+        if replies and nonfinite == len(replies):  # as in-process: no finite upload left
+            record = {"round": server_round, "clients": 0, "rejected": len(self.rejected)}
+            record.update(train_loss=None, test_acc=None, test_loss=None)
+            reason = f"all {nonfinite} client uploads hold NaN or Inf (try a smaller lr)"
+            self.last_record = self.runner.mark_diverged(record, reason)
+            return None, None
         if len(accepted) < self.min_replies:
             log.warning(
                 "round %d: %d valid replies, fewer than %d: global model kept",
