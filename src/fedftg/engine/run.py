@@ -121,12 +121,9 @@ def run_experiment(
                     )
             reporter.end_method()
             methods[display] = run.method_finished(display, runner, samples=not runner.diverged)
-            if runner.diverged:
-                message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
-                if on_divergence == "stop":
-                    stopped = Diverged(message)
-                    break
-                sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
+            stopped = divergence(display, runner, on_divergence, _warn_going_on)
+            if stopped is not None:
+                break
     if board is not None:
         board.close()
     summary = run.finish(methods, setup.partition)
@@ -138,6 +135,24 @@ def run_experiment(
             stream.write(line + "\n")
         stream.write(f"results in {run.path}\n")
     return summary
+
+
+def divergence(
+    display: str, runner: Any, on_divergence: str, going_on: Callable[[str], None]
+) -> Diverged | None:
+    """After ``display``'s last round: the `Diverged` that stops the run, or None (it did
+    not diverge, or ``on_divergence`` is ``continue``: then ``going_on`` is told why)."""
+    if not runner.diverged:
+        return None
+    message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
+    if on_divergence == "stop":
+        return Diverged(message)
+    going_on(message)
+    return None
+
+
+def _warn_going_on(message: str) -> None:
+    sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
 
 
 def format_table(methods: dict[str, dict[str, Any]]) -> str:

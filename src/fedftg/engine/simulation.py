@@ -364,6 +364,14 @@ class ServerRunner:
         record["status"] = "diverged"
         return record
 
+    def no_finite_upload(self, round_: int, rejected: int, lr_flag: str) -> dict[str, Any]:
+        """The record of round ``round_`` (1-based) whose every upload held NaN or Inf: no
+        aggregate, no evaluation, the method marked diverged (both engines)."""
+        record = {"round": round_, "clients": 0, "rejected": rejected}
+        record.update(train_loss=None, test_acc=None, test_loss=None)
+        reason = f"all {rejected} client uploads hold NaN or Inf (try a smaller {lr_flag})"
+        return self.mark_diverged(record, reason)
+
     def server_update(
         self, results: list[LocalResult], histograms: list[np.ndarray], start: float
     ) -> dict[str, Any]:
@@ -523,11 +531,9 @@ class MethodRunner(ServerRunner):
         rejected = len(results) - len(kept)
         if not kept:
             t = self.state.round
-            record = {"round": t + 1, "clients": 0, "rejected": rejected}
+            record = self.no_finite_upload(t + 1, rejected, "--lr")
             record["lr"] = self.cfg.lr * self.cfg.lr_decay**t
-            record.update(train_loss=None, test_acc=None, test_loss=None)
-            reason = f"all {rejected} client uploads hold NaN or Inf (try a smaller --lr)"
-            return self._timed(self.mark_diverged(record, reason), start)
+            return self._timed(record, start)
         record = self.server_update([r for r, _ in kept], [h for _, h in kept], start)
         record["rejected"] = rejected
         return record

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.run import ON_DIVERGENCE, Diverged, format_table, plugin_gains
+from fedftg.engine.run import ON_DIVERGENCE, Diverged, divergence, format_table, plugin_gains
 from fedftg.engine.rundir import FLOWER_HINTS, RunDir
 from fedftg.engine.simulation import ServerRunner, initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
@@ -93,6 +93,10 @@ def build_server_app(cfg: RunConfig, **options: Any) -> ServerApp:
         run_federation(grid, cfg, **options)
 
     return bound
+
+
+def _log_going_on(message: str) -> None:
+    log.warning("%s; going on (on-divergence=continue)", message)
 
 
 def discover_nodes(grid: Grid, expected: int, wait: float, timeout: float) -> dict[int, int]:
@@ -198,12 +202,9 @@ def run_federation(
             run.end_round(display, runner, {"rejected": strategy.rejected})
         extra = {"rejected": strategy.rejected}
         methods[display] = run.method_finished(display, runner, extra, samples=not runner.diverged)
-        if runner.diverged:
-            message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
-            if on_divergence == "stop":
-                stopped = Diverged(message)
-                break
-            log.warning("%s; going on (on-divergence=continue)", message)
+        stopped = divergence(display, runner, on_divergence, _log_going_on)
+        if stopped is not None:
+            break
     summary = run.finish(methods, partition)
     if stopped is not None:
         raise stopped

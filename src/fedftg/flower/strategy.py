@@ -91,10 +91,9 @@ class FedFTGStrategy(Strategy):
                 continue
             accepted.append(self._parse(msg))
         if replies and nonfinite == len(replies):  # as in-process: no finite upload left
-            record = {"round": server_round, "clients": 0, "rejected": len(self.rejected)}
-            record.update(train_loss=None, test_acc=None, test_loss=None)
-            reason = f"all {nonfinite} client uploads hold NaN or Inf (try a smaller lr)"
-            self.last_record = self.runner.mark_diverged(record, reason)
+            record = self.runner.no_finite_upload(server_round, nonfinite, "lr")
+            record["rejected"] = len(self.rejected)  # this engine counts over the run
+            self.last_record = record
             return None, None
         if len(accepted) < self.min_replies:
             log.warning(
