@@ -160,7 +160,9 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         check_given(cfg, given_keys(values) + given_keys(overrides))
         bases = [cfg.resolve()]
     from fedftg.engine.rundir import expand_out, link_latest
-    from fedftg.engine.sweep import point_line
+    from fedftg.engine.sweep import point_line, threads_line
+
+    print(threads_line(bases[0], ns.jobs), flush=True)
 
     def report(r: dict[str, Any]) -> None:
         print(point_line(r), flush=True)
@@ -202,6 +204,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         shown = [c.to_dict() for c in configs]
         print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
         return 0
+    from fedftg.threads import apply_threads, plan_threads, usable_cores
+
+    # before the engine loads torch: OpenMP reads its wait policy once, as torch loads
+    apply_threads(plan_threads(usable_cores(), 1, configs[0].threads, os.environ))
     from fedftg.engine.run import Diverged, Interrupted, run_experiment
 
     verbosity = 0 if ns.quiet else 2 if ns.verbose else 1

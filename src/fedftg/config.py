@@ -169,6 +169,15 @@ class RunConfig:
     device: str = setting(
         "cpu", "cpu, cuda, cuda:N, mps", check=_DEVICE, resumable=True, pooled=True
     )
+    threads: int | None = setting(
+        None,
+        "torch CPU threads (default: $OMP_NUM_THREADS, else the usable cores divided "
+        "between a sweep's jobs); changes float rounding only, so not part of the run's identity",
+        check=POSITIVE_INT,
+        optional=True,
+        resumable=True,
+        pooled=True,
+    )
     client_batching: str = setting(
         "auto",
         "sequential (one client after another), vmap (the round's clients in one batched "

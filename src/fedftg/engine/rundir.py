@@ -62,6 +62,7 @@ from fedftg.report.files import (
 )
 from fedftg.report.heatmap import save_partition_heatmap
 from fedftg.report.plots import plot_curves, plot_samples
+from fedftg.threads import in_force
 
 TIME = "{time}"
 CHECKPOINT = "checkpoint.pt"
@@ -152,7 +153,7 @@ def environment(cfg: RunConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
-        "torch_threads": torch.get_num_threads(),
+        **in_force(),
         "seed": cfg.seed,
     }
 

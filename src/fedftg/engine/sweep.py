@@ -29,6 +29,7 @@ from fedftg.config import (
     nest_dotted,
 )
 from fedftg.errors import UserError
+from fedftg.threads import ThreadPlan, child_env, plan_threads, usable_cores
 
 
 def parse_grid(items: list[str] | dict[str, Any]) -> dict[str, list[Any]]:
@@ -81,6 +82,30 @@ def point_line(r: dict[str, Any]) -> str:
     return f"{r['name']:<40} {r['status']}  ({r['out']})"
 
 
+def sweep_threads(base: RunConfig, jobs: int) -> ThreadPlan:
+    """The threads of each point of a sweep of ``jobs`` parallel runs: ``--threads`` or
+    ``OMP_NUM_THREADS`` if given, else the usable cores split between the jobs. Split once:
+    every point runs on the same count, whatever order the points finish in, since the
+    count changes float rounding (a point's tail running alone keeps its share)."""
+    if jobs < 1:
+        raise UserError(f"jobs: must be >= 1, got {jobs}")
+    return plan_threads(usable_cores(), jobs, base.threads, os.environ)
+
+
+def threads_line(base: RunConfig, jobs: int) -> str:
+    """The line a sweep starts with: its points' thread count and whether their numbers
+    are those of the same settings run alone (same count) or differ at float rounding."""
+    plan = sweep_threads(base, jobs)
+    lone = plan_threads(usable_cores(), 1, base.threads, os.environ).threads
+    each = f"{plan.threads} torch thread{'s' if plan.threads > 1 else ''} per run"
+    if plan.threads == lone:
+        return f"sweep: {jobs} job(s), {each}, as a run alone: the same numbers"
+    return (
+        f"sweep: {jobs} jobs, {each} (a run alone uses {lone}): points differ from a run "
+        f"alone at float rounding; `fedftg run --threads {plan.threads}` repeats one exactly"
+    )
+
+
 # exit status of a child `fedftg run` whose method diverged (see `fedftg.cli`)
 EXIT_DIVERGED = 3
 
@@ -104,8 +129,7 @@ def run_sweep(
                 on_point(r)
         return r
 
-    if jobs < 1:
-        raise UserError(f"jobs: must be >= 1, got {jobs}")
+    plan = sweep_threads(base, jobs)
     points = grid_points(base, grid)
     todo = [(n, c) for n, c in points if not is_complete(c)]
     status = [
@@ -116,8 +140,6 @@ def run_sweep(
     for r in status:
         tell(r)
     Path(base.out).mkdir(parents=True, exist_ok=True)
-    # the caller's thread setting wins; otherwise the cores are split between the jobs
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
 
     def launch(item: tuple[str, RunConfig]) -> dict[str, Any]:
         name, cfg = item
@@ -129,7 +151,7 @@ def run_sweep(
             "--config-json",
             json.dumps(cfg.to_dict()),
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        env = child_env(plan, os.environ)
         log = Path(cfg.out + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
