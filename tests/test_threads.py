@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from fedftg.config import RunConfig, fingerprint
 from fedftg.engine import sweep
 from fedftg.errors import UserError
@@ -97,5 +98,66 @@ def test_a_run_records_the_threads_and_wait_policy_in_force(tmp_path):
     env = _run([], tmp_path / "b", {"OMP_WAIT_POLICY": "active", "OMP_NUM_THREADS": "1"})
     assert env["torch_threads"] == 1 and env["omp_wait_policy"] == "active"
     # another thread count resumes (extends) the same run instead of refusing it
-    env = _run(["--threads", "2", "--rounds", "2"], tmp_path / "b", {})
+    env = _run(["--threads", "2", "--rounds", "2", "--resume"], tmp_path / "b", {})
     assert env["torch_threads"] == 2
+
+
+LIGHT = [
+    ["--help"],
+    ["--version"],
+    ["presets"],
+    ["run", "--help"],
+    ["sweep", "--help"],
+    ["report", "--help"],
+    ["partition", "--help"],
+    ["bench", "--help"],
+    ["presets", "--help"],
+    ["run", "--print-config"],
+    ["run", "--preset", "paper-cifar10-cpu", "--print-config"],
+    ["run", "--rounds", "0"],
+    ["run", "--method", "nope"],
+    ["run", "--threads", "0"],
+    ["run", "--config", "/nonexistent.toml"],
+    ["run", "--no-such-flag"],
+    ["sweep", "--grid", "seed"],
+    ["sweep", "--jobs", "0", "--grid", "seed=0,1"],
+    ["partition", "--clients", "0"],
+    ["report", "/nonexistent"],
+]
+HEAVY = ("torch", "matplotlib", "sklearn", "flwr")
+
+
+@pytest.mark.parametrize("args", LIGHT, ids=" ".join)
+def test_commands_that_need_no_tensors_do_not_load_torch(args):
+    code = f"""
+import sys
+import fedftg.cli
+try:
+    status = fedftg.cli.main({args!r})
+except SystemExit as exc:
+    status = exc.code
+loaded = [m for m in {HEAVY!r} if m in sys.modules]
+assert not loaded, loaded
+sys.exit(status)
+"""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "AssertionError" not in done.stderr, done.stderr
+    assert done.returncode in (0, 2), done.stderr
+    if done.returncode == 2:  # bad input: one error line, no traceback
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_load_benchmark_fair_share_and_table():
+    load = load_benchmark("load")
+    assert load.fair_share(10.0, 0, 2) == 10.0  # alone: its own time
+    assert load.fair_share(10.0, 1, 2) == 10.0  # a core each: no slower
+    assert load.fair_share(10.0, 2, 2) == 15.0  # three processes on two cores
+    assert load.fair_share(10.0, 4, 2) == 25.0
+    seconds = {("before", 0): 10.0, ("after", 0): 10.2, ("before", 2): 60.0}
+    seconds[("after", 2)] = 15.3
+    text = load.table(seconds, 2)
+    assert "4.00" in text and "1.00" in text and "after / before = 1.020" in text
+    assert load.job_command("after", ["run"])[1:] == ["-m", "fedftg.cli", "run"]

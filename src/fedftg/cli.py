@@ -159,10 +159,12 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, overrides).validate()
         check_given(cfg, given_keys(values) + given_keys(overrides))
         bases = [cfg.resolve()]
-    from fedftg.engine.rundir import expand_out, link_latest
-    from fedftg.engine.sweep import point_line, threads_line
+    from fedftg.engine.sweep import grid_points, point_line, threads_line
 
+    for base in bases:  # bad grids and job counts are reported before torch loads
+        grid_points(base, grid)
     print(threads_line(bases[0], ns.jobs), flush=True)
+    from fedftg.engine.rundir import expand_out, link_latest
 
     def report(r: dict[str, Any]) -> None:
         print(point_line(r), flush=True)
@@ -235,11 +237,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_partition(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)  # first: bad settings are reported without loading torch
     from fedftg.data.partition import format_partition_table, partition_stats
     from fedftg.engine.simulation import prepare
     from fedftg.report.heatmap import save_partition_heatmap
 
-    cfg = _config(ns)
     setup = prepare(cfg)
     print(format_partition_table(setup.partition))
     stats = partition_stats(setup.partition)

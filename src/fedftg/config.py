@@ -30,7 +30,6 @@ from fedftg.data.partition import SCHEMES
 from fedftg.data.sources import NAMES as DATASETS
 from fedftg.data.sources import dataset_classes
 from fedftg.errors import UserError
-from fedftg.methods.aggregation import SELECTIONS
 from fedftg.models import MODEL_NAMES
 from fedftg.settings import (
     MISSING,
@@ -57,6 +56,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 AUGMENT = ("auto", "on", "off")
 CLIENT_BATCHING = ("auto", "sequential", "vmap")
 PRECISIONS = ("fp32", "bf16")
+SELECTIONS = ("fixed", "bernoulli")  # client selection modes of `select_clients`
 # keys a saved config.json holds beside the settings
 RECORD_KEYS = ("environment", "engine")
 

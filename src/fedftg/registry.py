@@ -1,11 +1,13 @@
 """The registries of client methods and server plug-ins, found in `fedftg.methods`.
 
-A client method or a server plug-in is one module under ``fedftg/methods/`` that defines a
-module-level ``METHOD = MethodSpec(...)`` or ``PLUGIN = PluginSpec(...)``: its name, a
-one-line summary, its settings dataclass (a `fedftg.settings.Settings`; its section in the
-config is the spec's name) and its factories. Everything else is derived from here: the
-method names `fedftg run` accepts, the config sections, flags and Flower run-config keys,
-the help text, the report labels and which settings a run's fingerprint counts.
+A client method or a server plug-in is a torch-free spec module under
+``fedftg/methods/specs/`` that defines a module-level ``METHOD = MethodSpec(...)`` or
+``PLUGIN = PluginSpec(...)``: its name, a one-line summary, its settings dataclass (a
+`fedftg.settings.Settings`; its section in the config is the spec's name) and its
+factories, which import the implementation (``fedftg/methods/<name>.py``) when called.
+Everything else is derived from here: the method names `fedftg run` accepts, the config
+sections, flags and Flower run-config keys, the help text, the report labels and which
+settings a run's fingerprint counts.
 
 Method names: a client method, optionally ``+`` a plug-in (``scaffold+ftg``); a plug-in may
 declare a shorthand for itself on FedAvg (``fedftg`` = ``fedavg+ftg``).
@@ -74,10 +76,10 @@ _PLUGINS: dict[str, PluginSpec] = {}
 
 
 def _discover() -> None:
-    """Import every module of `fedftg.methods` once and collect their specs."""
+    """Import every module of `fedftg.methods.specs` once and collect their specs."""
     if _METHODS or _PLUGINS:
         return
-    import fedftg.methods as package
+    import fedftg.methods.specs as package
 
     found_methods: list[MethodSpec] = []
     found_plugins: list[PluginSpec] = []

@@ -8,9 +8,12 @@ Flower nodes.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def derive_seed(*keys: int | str) -> int:
@@ -26,6 +29,8 @@ def numpy_rng(*keys: int | str) -> np.random.Generator:
 
 def torch_rng(*keys: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator on ``device`` for the stream named by ``keys``."""
+    import torch  # here: the config and the CLI use this module without loading torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*keys))
     return gen

@@ -10,8 +10,6 @@ import torch
 from fedftg.seeding import numpy_rng
 
 State = dict[str, torch.Tensor]
-# client selection modes of `select_clients`
-SELECTIONS = ("fixed", "bernoulli")
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:

@@ -8,26 +8,16 @@ average of the teachers' predictions on generated samples.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import DistillConfig, FTGServer, _distill_field, sample_labels
+from fedftg.methods.ftg import FTGServer, sample_labels
+from fedftg.methods.specs.feddf import FedDFConfig
 from fedftg.models.stacked import Teachers
 from fedftg.precision import upcast
-from fedftg.registry import PluginSpec
-from fedftg.settings import POSITIVE_INT
-
-
-@dataclass
-class FedDFConfig(DistillConfig):
-    """FedDF baseline settings (step counts as in the FedFTG authors' baseline)."""
-
-    gen_steps: int = _distill_field(50, "generator steps per round", check=POSITIVE_INT)
-    student_steps: int = _distill_field(20, "student KL steps per round", check=POSITIVE_INT)
 
 
 def kl_distill_loss(
@@ -107,22 +97,3 @@ class FedDFServer(FTGServer):
             self.cfg.batch_size, self.cfg.nz, generator=generator, device=generator.device
         )
         return z.to(self.device), y.to(self.device)
-
-
-PLUGIN = PluginSpec(
-    name="df",
-    summary="FedDF-style data-free ensemble distillation, as the FedFTG authors' baseline",
-    settings=FedDFConfig,
-    server=lambda s, env: FedDFServer(
-        s,
-        env.num_classes,
-        env.channels,
-        env.image_size,
-        device=env.device,
-        seed=env.seed,
-        precision=env.precision,
-    ),
-    alias="feddf",
-    samples=True,
-    order=20,
-)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,19 +18,6 @@ from fedftg.methods.client import (
     param_names,
     sq_dist,
 )
-from fedftg.registry import MethodSpec
-from fedftg.settings import POSITIVE, Settings, setting
-
-
-@dataclass
-class FedDynSettings(Settings):
-    alpha: float = setting(
-        0.01,
-        "regulariser weight alpha",
-        check=POSITIVE,
-        legacy_key="feddyn_alpha",
-        always_hashed=True,
-    )
 
 
 class FedDyn(ParameterStateMethod):
@@ -81,12 +67,3 @@ class FedDyn(ParameterStateMethod):
             server_state[n] = server_state[n] - self.alpha / num_clients * drift
             avg[n] = avg[n] - server_state[n] / self.alpha
         return avg
-
-
-METHOD = MethodSpec(
-    name="feddyn",
-    summary="dynamic regulariser",
-    settings=FedDynSettings,
-    build=lambda s, cfg: FedDyn(s.alpha),
-    order=30,
-)

@@ -23,7 +23,6 @@ import torch
 
 from fedftg.methods.aggregation import State, weighted_average
 from fedftg.methods.client import ClientMethod, LocalResult
-from fedftg.registry import MethodSpec
 
 
 def effective_steps(steps: int, momentum: float = 0.0) -> float:
@@ -73,11 +72,3 @@ class FedNova(ClientMethod):
         return normalised_average(
             global_state, [r.state for r in results], [r.num_samples for r in results], a
         )
-
-
-METHOD = MethodSpec(
-    name="fednova",
-    summary="normalised averaging: each client's change divided by its local steps",
-    build=lambda settings, cfg: FedNova(cfg.momentum),
-    order=50,
-)

@@ -8,7 +8,7 @@ term is added. It is what their FedProx numbers measure, so the paper presets us
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -22,26 +22,7 @@ from fedftg.methods.client import (
     param_names,
     sq_dist,
 )
-from fedftg.registry import MethodSpec
-from fedftg.settings import NON_NEGATIVE, Settings, setting
-
-
-@dataclass
-class FedProxSettings(Settings):
-    mu: float = setting(
-        0.01,
-        "proximal weight mu in mu/2 ||w - w_global||^2",
-        check=NON_NEGATIVE,
-        legacy_key="prox_mu",
-        always_hashed=True,
-    )
-    variant: str = setting(
-        "proximal",
-        "proximal: mu/2 ||w - w_global||^2 (the paper); weight_decay: mu added to the weight "
-        "decay instead (the FedFTG authors' code)",
-        choices=("proximal", "weight_decay"),
-        before="proximal",
-    )
+from fedftg.methods.specs.fedprox import VARIANTS
 
 
 class FedProx(ClientMethod):
@@ -50,7 +31,7 @@ class FedProx(ClientMethod):
     name = "fedprox"
 
     def __init__(self, mu: float, variant: str = "proximal") -> None:
-        if variant not in ("proximal", "weight_decay"):
+        if variant not in VARIANTS:
             raise ValueError(f"unknown FedProx variant {variant!r}")
         self.mu = mu
         self.variant = variant
@@ -67,12 +48,3 @@ class FedProx(ClientMethod):
 
     def _term(self, params: Tensors, client: Tensors, shared: Tensors, *_: object) -> torch.Tensor:
         return 0.5 * self.mu * sq_dist(params, shared)
-
-
-METHOD = MethodSpec(
-    name="fedprox",
-    summary="proximal term mu/2 ||w - w_global||^2",
-    settings=FedProxSettings,
-    build=lambda s, cfg: FedProx(s.mu, s.variant),
-    order=10,
-)

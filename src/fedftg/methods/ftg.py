@@ -12,27 +12,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg.methods.specs.ftg import FTGConfig
 from fedftg.models.generator import ConditionalGenerator
 from fedftg.models.stacked import Teachers, as_teachers
 from fedftg.precision import autocast, upcast
-from fedftg.registry import PluginSpec
 from fedftg.seeding import derive_seed
-from fedftg.settings import (
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    Check,
-    Settings,
-    at_least,
-    setting,
-)
 
 # ----------------------------------------------------------------------- pure maths
 
@@ -193,101 +183,6 @@ def kept_buffers(model: nn.Module, keep: bool) -> Iterator[None]:
         with torch.no_grad():
             for b, v in zip(model.buffers(), saved, strict=True):
                 b.copy_(v)
-
-
-def _distill_field(default, help_text, **meta):
-    """A setting of the data-free server steps; they existed in the first run directories,
-    so they are fingerprinted whatever the run's methods (`fedftg.settings`)."""
-    return setting(default, help_text, always_hashed=True, **meta)
-
-
-@dataclass
-class DistillConfig(Settings):
-    """Settings shared by the data-free server steps (FedFTG and FedDF)."""
-
-    gen_steps: int = _distill_field(
-        1,
-        "generator steps I_g per iteration (one Adam step per client each)",
-        check=at_least(0, integer=True),
-    )
-    student_steps: int = _distill_field(5, "student steps I_d per iteration", check=POSITIVE_INT)
-    batch_size: int = _distill_field(
-        50,
-        "synthetic batch B",
-        check=Check(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (BatchNorm)"),
-    )
-    nz: int | None = _distill_field(
-        None,
-        "generator noise size; by default it follows the dataset, as the authors': 100 for "
-        "up to 10 classes (CIFAR-10), 256 for more (CIFAR-100)",
-        check=POSITIVE_INT,
-        optional=True,
-    )
-    ngf: int = _distill_field(64, "generator width", check=POSITIVE_INT)
-    gen_lr: float = _distill_field(0.01, "generator Adam learning rate", check=POSITIVE)
-    student_lr: float = _distill_field(
-        0.1,
-        "student SGD learning rate (0: keep the weights, only re-estimate BatchNorm "
-        "statistics on generated samples, a control)",
-        check=NON_NEGATIVE,
-    )
-    lr_decay: float = _distill_field(
-        0.998, "per-round decay of both learning rates", check=POSITIVE
-    )
-    student_weight_decay: float = _distill_field(1e-3, "student weight decay", check=NON_NEGATIVE)
-    lambda_dis: float = _distill_field(1.0, "diversity weight", check=NON_NEGATIVE)
-    temperature: float = _distill_field(1.0, "distillation temperature", check=POSITIVE)
-    diversity: str = _distill_field(
-        "all",
-        "pairs the diversity term counts: all B x B (authors) or same_label",
-        choices=("all", "same_label"),
-        before="all",
-    )
-    impl: str = _distill_field(
-        "fast",
-        "fast, or reference: the authors' loop structure (same results, slower)",
-        choices=("fast", "reference"),
-    )
-    bn_stats: str = _distill_field(
-        "generated",
-        "the student's BatchNorm statistics after the step: generated "
-        "(re-estimated on generated samples, authors) or aggregate (those it came with)",
-        choices=("generated", "aggregate"),
-        before="generated",
-    )
-
-    def resolve(self, num_classes: int) -> None:
-        if self.nz is None:
-            self.nz = default_nz(num_classes)
-
-
-def default_nz(num_classes: int) -> int:
-    """The authors' generator noise size: 100 for CIFAR-10, 256 for CIFAR-100 (by classes)."""
-    return 100 if num_classes <= 10 else 256
-
-
-@dataclass
-class FTGConfig(DistillConfig):
-    """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
-
-    iterations: int = _distill_field(
-        10, "generator/student iterations I per round", check=POSITIVE_INT
-    )
-    lambda_cls: float = _distill_field(1.0, "fidelity weight", check=NON_NEGATIVE)
-    md_distance: str = _distill_field(
-        "l1", "hard-sample gap: l1 on logits (authors) or kl", choices=("l1", "kl")
-    )
-    label_sampling: str = _distill_field(
-        "customized",
-        "ablation: uniform labels instead of the clients' class mix",
-        choices=("customized", "uniform"),
-    )
-    ensemble: str = _distill_field(
-        "class",
-        "ablation: uniform teacher average instead of class-level weights",
-        choices=("class", "uniform"),
-    )
-    hard_mining: bool = _distill_field(True, "ablation: false drops the hard-sample term")
 
 
 class FTGServer:
@@ -474,22 +369,3 @@ class FTGServer:
         """``per_class`` generated images of every class (normalised scale) and labels."""
         y = torch.arange(self.num_classes).repeat_interleave(per_class).to(self.device)
         return self.generate(y, generator), y
-
-
-PLUGIN = PluginSpec(
-    name="ftg",
-    summary="FedFTG: fine-tune the aggregate by data-free distillation on hard generated samples",
-    settings=FTGConfig,
-    server=lambda s, env: FTGServer(
-        s,
-        env.num_classes,
-        env.channels,
-        env.image_size,
-        device=env.device,
-        seed=env.seed,
-        precision=env.precision,
-    ),
-    alias="fedftg",
-    samples=True,
-    order=10,
-)

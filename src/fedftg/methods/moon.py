@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,26 +15,6 @@ from fedftg.methods.client import (
     detached_state,
     functional_template,
 )
-from fedftg.registry import MethodSpec
-from fedftg.settings import NON_NEGATIVE, POSITIVE, Settings, setting
-
-
-@dataclass
-class MoonSettings(Settings):
-    mu: float = setting(
-        1.0,
-        "weight of the contrastive term",
-        check=NON_NEGATIVE,
-        legacy_key="moon_mu",
-        always_hashed=True,
-    )
-    tau: float = setting(
-        0.5,
-        "temperature of the cosine similarities",
-        check=POSITIVE,
-        legacy_key="moon_tau",
-        always_hashed=True,
-    )
 
 
 class Moon(ClientMethod):
@@ -88,12 +66,3 @@ def moon_contrastive(
     pos = F.cosine_similarity(z, z_pos, dim=-1) / tau
     neg = F.cosine_similarity(z, z_neg, dim=-1) / tau
     return -(pos - torch.logaddexp(pos, neg)).mean()
-
-
-METHOD = MethodSpec(
-    name="moon",
-    summary="model-contrastive term on the representation",
-    settings=MoonSettings,
-    build=lambda s, cfg: Moon(s.mu, s.tau),
-    order=40,
-)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,42 +17,9 @@ from fedftg.methods.client import (
     dot,
     param_names,
 )
-from fedftg.registry import MethodSpec
-from fedftg.settings import POSITIVE, Settings, setting
+from fedftg.methods.specs.scaffold import SCAFFOLD_REFERENCES
 
-SCAFFOLD_REFERENCES = ("aggregate", "sent")
-# what c_k's update divides the local progress by: the round's decayed learning rate, or the
-# initial one (the authors' code)
-SCAFFOLD_VARIATE_LRS = ("round", "initial")
 REF_PREFIX = "ref."
-
-
-@dataclass
-class ScaffoldSettings(Settings):
-    server_lr: float = setting(
-        1.0,
-        "server step size on the averaged change",
-        check=POSITIVE,
-        legacy_key="scaffold_server_lr",
-        always_hashed=True,
-    )
-    reference: str = setting(
-        "aggregate",
-        "with a server plug-in, the model the control variates measure the clients' progress "
-        "from: aggregate (before the plug-in's step, authors') or sent",
-        choices=SCAFFOLD_REFERENCES,
-        legacy_key="scaffold_reference",
-        before="sent",
-        reads=lambda base, plugin: plugin is not None,
-    )
-    variate_lr: str = setting(
-        "round",
-        "the learning rate the control-variate update divides the clients' progress by: "
-        "round (this round's decayed lr) or initial (--lr, authors')",
-        choices=SCAFFOLD_VARIATE_LRS,
-        legacy_key="scaffold_variate_lr",
-        before="round",
-    )
 
 
 class Scaffold(ParameterStateMethod):
@@ -137,14 +103,3 @@ def _reference(name: str, server_state: dict[str, torch.Tensor], sent: State) ->
     """SCAFFOLD's w_ref for one parameter: the kept pre-plug-in aggregate, else the sent model."""
     kept = server_state.get(REF_PREFIX + name)
     return sent[name] if kept is None else kept
-
-
-METHOD = MethodSpec(
-    name="scaffold",
-    summary="control variates (option II); --local-steps for a fixed number of steps",
-    settings=ScaffoldSettings,
-    build=lambda s, cfg: Scaffold(
-        s.server_lr, s.reference, cfg.lr if s.variate_lr == "initial" else None
-    ),
-    order=20,
-)

@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg.methods.specs.fedgen import GENERATOR_NOISE, GENERATOR_OUTPUTS
+
 # (hidden_dim, noise_dim) of the authors' GENERATORCONFIGS entries (utils/model_config.py):
 # 'mnist' (256, 32 latent, 1 channel, 10 classes, noise 32), 'cifar' (512, 32, 3, 10, 64).
 # Their latent_dim (32) is their network's representation size; ours is the model's D.
 AUTHORS_GENERATOR_DIMS = {"mnist": (256, 32), "cifar": (512, 64)}
 _MNIST_LIKE = ("digits", "mnist", "fmnist")
-
-GENERATOR_NOISE = ("uniform", "normal")
-GENERATOR_OUTPUTS = ("relu", "none")
 
 
 def generator_dims(dataset: str, channels: int) -> tuple[int, int]:

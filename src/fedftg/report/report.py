@@ -27,7 +27,6 @@ from fedftg.config import (
 from fedftg.errors import UserError
 from fedftg.registry import split_method
 from fedftg.report.files import atomic_write, read_metrics
-from fedftg.report.plots import plt, save_figure
 
 # settings that do not make two runs different experiments (declared ``pooled``)
 POOLED = tuple(f.name for f, m in core_fields() if m.pooled)
@@ -281,6 +280,8 @@ def _plugin_table(methods: dict[str, list[dict[str, Any]]], last_round: int) -> 
 
 def plot_spread(methods: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
     """Mean test accuracy per round with a shaded ±1 std band over seeds, per method."""
+    from fedftg.report.plots import plt, save_figure  # matplotlib: only when drawing
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, per_seed in methods.items():
         rounds = sorted({r for s in per_seed for r, _ in s["curve"]})

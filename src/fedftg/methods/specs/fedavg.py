@@ -1,0 +1,21 @@
+"""FedAvg's spec (`fedftg.methods.client.ClientMethod` is FedAvg: no term, the plain average)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedftg.registry import MethodSpec
+
+
+def _build(settings: None, cfg: Any) -> Any:
+    from fedftg.methods.client import ClientMethod
+
+    return ClientMethod()
+
+
+METHOD = MethodSpec(
+    name="fedavg",
+    summary="sample-weighted average of the clients' full states (BatchNorm buffers included)",
+    build=_build,
+    order=0,
+)

@@ -1,0 +1,35 @@
+"""FedDyn's settings and spec (implementation: `fedftg.methods.feddyn`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedftg.registry import MethodSpec
+from fedftg.settings import POSITIVE, Settings, setting
+
+
+@dataclass
+class FedDynSettings(Settings):
+    alpha: float = setting(
+        0.01,
+        "regulariser weight alpha",
+        check=POSITIVE,
+        legacy_key="feddyn_alpha",
+        always_hashed=True,
+    )
+
+
+def _build(s: FedDynSettings, cfg: Any) -> Any:
+    from fedftg.methods.feddyn import FedDyn
+
+    return FedDyn(s.alpha)
+
+
+METHOD = MethodSpec(
+    name="feddyn",
+    summary="dynamic regulariser",
+    settings=FedDynSettings,
+    build=_build,
+    order=30,
+)
