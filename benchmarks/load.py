@@ -18,6 +18,7 @@ Usage: python benchmarks/load.py [--rounds 3] [--busy 2,4] [--repeats 1]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -55,14 +56,18 @@ def clean_env() -> dict[str, str]:
 
 
 def timed_job(mode: str, busy: int, rounds: int, out: Path, limit_s: float) -> float:
-    """Seconds the job takes in ``mode`` beside ``busy`` spinning processes."""
+    """Seconds the job takes in ``mode`` beside ``busy`` spinning processes (inf when it
+    has not finished after ``limit_s``: it is stopped there)."""
     spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(limit_s)]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0.0)  # let the spinners start
         args = ["run", "--method", "fedftg", "--rounds", str(rounds), "--quiet"]
         args += ["--fresh", "--out", str(out)]
         t0 = time.perf_counter()
-        subprocess.run(job_command(mode, args), env=clean_env(), check=True, timeout=limit_s)
+        try:
+            subprocess.run(job_command(mode, args), env=clean_env(), check=True, timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            return math.inf
         return time.perf_counter() - t0
     finally:
         for p in spinners:
