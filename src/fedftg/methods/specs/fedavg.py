@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedftg.registry import MethodSpec
 
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.methods.client import ClientMethod
 
-def _build(settings: None, cfg: Any) -> Any:
+
+def _build(settings: None, cfg: RunConfig) -> ClientMethod:
     from fedftg.methods.client import ClientMethod
 
     return ClientMethod()

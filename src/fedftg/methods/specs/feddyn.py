@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedftg.registry import MethodSpec
 from fedftg.settings import POSITIVE, Settings, setting
+
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.methods.client import ClientMethod
 
 
 @dataclass
@@ -20,7 +24,7 @@ class FedDynSettings(Settings):
     )
 
 
-def _build(s: FedDynSettings, cfg: Any) -> Any:
+def _build(s: FedDynSettings, cfg: RunConfig) -> ClientMethod:
     from fedftg.methods.feddyn import FedDyn
 
     return FedDyn(s.alpha)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedftg.registry import MethodSpec
 from fedftg.settings import NON_NEGATIVE, Settings, setting
+
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.methods.client import ClientMethod
 
 VARIANTS = ("proximal", "weight_decay")
 
@@ -29,7 +33,7 @@ class FedProxSettings(Settings):
     )
 
 
-def _build(s: FedProxSettings, cfg: Any) -> Any:
+def _build(s: FedProxSettings, cfg: RunConfig) -> ClientMethod:
     from fedftg.methods.fedprox import FedProx
 
     return FedProx(s.mu, s.variant)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedftg.registry import MethodSpec
 from fedftg.settings import NON_NEGATIVE, POSITIVE, Settings, setting
+
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.methods.client import ClientMethod
 
 
 @dataclass
@@ -27,7 +31,7 @@ class MoonSettings(Settings):
     )
 
 
-def _build(s: MoonSettings, cfg: Any) -> Any:
+def _build(s: MoonSettings, cfg: RunConfig) -> ClientMethod:
     from fedftg.methods.moon import Moon
 
     return Moon(s.mu, s.tau)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedftg.registry import MethodSpec
 from fedftg.settings import POSITIVE, Settings, setting
+
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.methods.client import ClientMethod
 
 SCAFFOLD_REFERENCES = ("aggregate", "sent")
 # what c_k's update divides the local progress by: the round's decayed learning rate, or the
@@ -42,7 +46,7 @@ class ScaffoldSettings(Settings):
     )
 
 
-def _build(s: ScaffoldSettings, cfg: Any) -> Any:
+def _build(s: ScaffoldSettings, cfg: RunConfig) -> ClientMethod:
     from fedftg.methods.scaffold import Scaffold
 
     return Scaffold(s.server_lr, s.reference, cfg.lr if s.variate_lr == "initial" else None)
