@@ -68,6 +68,7 @@ from fedftg.report.files import (
     MetricsLog,
     atomic_write,
     json_line,
+    line_numbers,
     make_dirs,
     read_metrics_lines,
     remove_empty_dirs,
@@ -618,7 +619,7 @@ def restore_metrics(
         if restored:
             warn(
                 f"{path}: restored {_row_names(restored)} from the checkpoint "
-                f"({_line_numbers(broken)} broken)"
+                f"({line_numbers(broken)} broken)"
             )
     else:
         covered = {name: done["rounds"] for name, done in saved["done"].items()}
@@ -634,7 +635,7 @@ def restore_metrics(
         ]
         if lost:
             warn(
-                f"{path}: no row for {_row_names(lost)} ({_line_numbers(broken)} broken), "
+                f"{path}: no row for {_row_names(lost)} ({line_numbers(broken)} broken), "
                 "and the checkpoint (from an older fedftg) holds none to restore"
             )
     text = "".join(json_line(r) for r in kept)
@@ -645,13 +646,6 @@ def restore_metrics(
 def _row_names(rows: list[dict[str, Any]]) -> str:
     """``fedavg round 3, fedftg round 1`` for a warning."""
     return ", ".join(f"{r.get('method')} round {r.get('round')}" for r in rows)
-
-
-def _line_numbers(numbers: list[int]) -> str:
-    """``no line``, ``line 4`` or ``lines 4, 9``."""
-    if not numbers:
-        return "no line"
-    return ("line " if len(numbers) == 1 else "lines ") + ", ".join(map(str, numbers))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -187,6 +187,13 @@ def read_metrics_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[int
     return out, broken
 
 
+def line_numbers(numbers: list[int]) -> str:
+    """``no line``, ``line 4`` or ``lines 4, 9`` (of `read_metrics_lines`) for a message."""
+    if not numbers:
+        return "no line"
+    return ("line " if len(numbers) == 1 else "lines ") + ", ".join(map(str, numbers))
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a metrics.jsonl (broken lines skipped)."""
     return read_metrics_lines(path)[0]
