@@ -56,9 +56,16 @@ def _rounds_done(out: Path) -> int:
     return len(p.read_text().splitlines()) if p.exists() else 0
 
 
-def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of ARGS, to compare interrupted and resumed runs with."""
+    ref = tmp_path_factory.mktemp("reference") / "ref"
     subprocess.run(_cli(ref), check=True, env=_env(), capture_output=True, timeout=600)
+    return ref
+
+
+def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(reference, tmp_path):
+    ref = reference
     expected = _metrics(ref)
     assert len(expected) == 12
 
@@ -81,7 +88,7 @@ def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(tmp_path):
         assert summary["methods"][name]["final_acc"] == ref_summary["methods"][name]["final_acc"]
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+def test_sigterm_checkpoints_exits_143_and_resumes_identically(reference, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen(
         _cli(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -93,9 +100,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130 and "rerun the same command" in err and str(out) in err
+    assert proc.returncode == 143 and "rerun the same command" in err and str(out) in err
     saved = read_checkpoint(out / "checkpoint.pt")
     assert sum(s["round"] for s in saved_states(saved).values()) >= 2
+    subprocess.run(_cli(out), check=True, env=_env(), capture_output=True, timeout=600)
+    assert _metrics(out) == _metrics(reference)
 
 
 def test_checkpoint_from_other_settings_is_refused_with_or_without_resume(tmp_path):

@@ -227,7 +227,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             )
         except Interrupted as exc:
             sys.stderr.write(f"interrupted: {exc}\n")
-            return 130
+            return 128 + exc.signum  # 130 after SIGINT, 143 after SIGTERM
         except Diverged as exc:
             sys.stderr.write(f"error: {exc}; outputs written to {cfg.out}\n")
             from fedftg.engine.sweep import EXIT_DIVERGED
@@ -442,9 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except UserError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         sys.stderr.write("error: interrupted\n")
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # StopNow after a second SIGTERM: 143
     except BrokenPipeError:  # the reader went away (`fedftg ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -1,7 +1,8 @@
 """Dataset downloads: streamed to a temporary sibling, md5-checked, then renamed into place.
 
 Nothing half-downloaded or unverified ever sits at the final path, so a later run never
-mistakes a broken download for the dataset.
+mistakes a broken download for the dataset, and a failed download removes the folders it
+created for the file (no empty ``MNIST/raw`` tree is left).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from fedftg.errors import UserError
+from fedftg.report.files import make_dirs, remove_empty_dirs
 
 CHUNK = 1 << 20
 
@@ -30,12 +32,15 @@ def md5sum(path: Path) -> str:
 def fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` if its md5 is ``md5``; any failure is a `UserError`.
 
-    The message names ``dest`` (where the file was looked for) and ``url``.
+    The message names ``dest`` (where the file was looked for) and ``url``. On failure the
+    folders made for ``dest`` are removed again (as far as they are empty).
     """
+    made: list[Path] = []
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(dest.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as exc:
+        remove_empty_dirs(made)
         raise UserError(f"{dest}: file missing, and cannot download {url} there ({exc})") from None
     part = Path(tmp)
     try:
@@ -49,6 +54,8 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
         ) from None
     finally:
         part.unlink(missing_ok=True)
+        if not dest.exists():
+            remove_empty_dirs(made)
     return dest
 
 

@@ -34,7 +34,7 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.raised is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.raised = signum
         self.acknowledge()
 
@@ -43,8 +43,21 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once (the CLI exits 128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+
 class Interrupted(Exception):
-    """The run was stopped by a signal after checkpointing its last completed round."""
+    """The run was stopped by signal ``signum`` after checkpointing its last completed
+    round (the CLI exits 128 + ``signum``: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class Diverged(Exception):
@@ -85,50 +98,51 @@ def run_experiment(
         raise UserError(f"on_divergence: expected stop or continue, got {on_divergence!r}")
     reporter = Reporter.for_run(progress, verbosity)
     setup = prepare(cfg)  # bad input (data, sizes) is reported before the directory
-    run = RunDir.open(
+    with RunDir.open(
         cfg, engine="in-process", fresh=fresh, resume=resume, keep_checkpoint=keep_checkpoint
-    )
-    cfg = run.cfg
-    board = TensorBoard(run.path / "tensorboard") if tensorboard else None
-    run.start(setup.partition, setup.dataset)
-    methods: dict[str, Any] = {}
-    stopped: Diverged | None = None
-    with _StopFlag(reporter.stopping) as stop:
-        for display, base, plugin in cfg.methods():
-            if run.is_finished(display):  # finished before the resume: its outputs are written
-                methods[display] = run.done[display]
-                reporter.note(f"{display}: finished before the resume")
-                continue
-            runner = MethodRunner(setup, base, plugin)
-            saved = run.restore_point(display)
-            if saved is not None:
-                runner.restore(saved)
-            reporter.start_method(display, cfg.rounds, runner.state.round)
-            while runner.state.round < cfg.rounds:
-                record = runner.run_round()
-                run.append(display, record)
-                reporter.round(record)
-                if board is not None:
-                    board.add(display, record)
-                if runner.diverged:
+    ) as run:
+        cfg = run.cfg
+        board = TensorBoard(run.path / "tensorboard") if tensorboard else None
+        run.start(setup.partition, setup.dataset)
+        methods: dict[str, Any] = {}
+        stopped: Diverged | None = None
+        with _StopFlag(reporter.stopping) as stop:
+            for display, base, plugin in cfg.methods():
+                if run.is_finished(display):  # finished before the resume: its outputs are written
+                    methods[display] = run.done[display]
+                    reporter.note(f"{display}: finished before the resume")
+                    continue
+                runner = MethodRunner(setup, base, plugin)
+                saved = run.restore_point(display)
+                if saved is not None:
+                    runner.restore(saved)
+                reporter.start_method(display, cfg.rounds, runner.state.round)
+                while runner.state.round < cfg.rounds:
+                    record = runner.run_round()
+                    run.append(display, record)
+                    reporter.round(record)
+                    if board is not None:
+                        board.add(display, record)
+                    if runner.diverged:
+                        break
+                    run.end_round(display, runner, force=stop.raised is not None)
+                    if stop.raised:
+                        reporter.end_method()
+                        raise Interrupted(
+                            f"stopped after round {runner.state.round} of {display}; "
+                            f"rerun the same command (with --out {run.path}) to continue",
+                            stop.raised,
+                        )
+                reporter.end_method()
+                methods[display] = run.method_finished(display, runner, samples=not runner.diverged)
+                stopped = divergence(display, runner, on_divergence, _warn_going_on)
+                if stopped is not None:
                     break
-                run.end_round(display, runner, force=stop.raised is not None)
-                if stop.raised:
-                    reporter.end_method()
-                    raise Interrupted(
-                        f"stopped after round {runner.state.round} of {display}; "
-                        f"rerun the same command (with --out {run.path}) to continue"
-                    )
-            reporter.end_method()
-            methods[display] = run.method_finished(display, runner, samples=not runner.diverged)
-            stopped = divergence(display, runner, on_divergence, _warn_going_on)
-            if stopped is not None:
-                break
-    if board is not None:
-        board.close()
-    summary = run.finish(methods, setup.partition)
-    if stopped is not None:
-        raise stopped
+        if board is not None:
+            board.close()
+        summary = run.finish(methods, setup.partition)
+        if stopped is not None:
+            raise stopped
     if verbosity >= 1:
         stream.write(format_table(summary["methods"]) + "\n")
         for line in plugin_gains(cfg, summary["methods"]):

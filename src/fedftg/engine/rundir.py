@@ -9,11 +9,22 @@ generated samples, checkpoint.pt) and follow the same rules:
   checkpoint; with other settings it is refused (`UserError`, exit 2) naming the settings
   that differ and the ways on: ``--fresh`` replaces it, another ``--out`` keeps it.
   ``--resume`` may raise ``--rounds`` (extending a finished run) when the rest matches.
-- `RunDir.open` only reads; nothing in the directory is touched until `RunDir.start`,
-  which the engines call once every check (settings, data, optional dependencies, nodes)
-  has passed.
-- ``{time}`` in ``out`` (the default ``runs/{time}``) becomes the start time, so runs do
-  not share a directory; ``<parent>/latest`` is then a symlink to the newest.
+- A directory is held by one process at a time (`fedftg.engine.dirlock`): `RunDir.open`
+  creates it if needed and locks it before reading anything in it; a second run into a
+  held directory is refused at once, naming the holder's pid and start time. The lock
+  goes when the engine closes the `RunDir` (it is a context manager) or its process ends.
+- `RunDir.open` then only reads; nothing else in the directory is touched until
+  `RunDir.start`, which the engines call once every check (settings, data, optional
+  dependencies, nodes) has passed. A run that fails before it starts leaves the directory
+  as it was (one `open` created is removed again).
+- ``{time}`` in ``out`` (the default ``runs/{time}``) becomes the start time; the directory
+  is claimed atomically (`os.mkdir`), a name already taken giving the next (``-2``,
+  ``-3``), so runs started together never share one; ``<parent>/latest`` is then a
+  symlink to the newest.
+- A checkpoint holds the metrics rows of the rounds it covers. At its start a continued
+  run rewrites metrics.jsonl as those rows: a row cut short by a crash (or missing) comes
+  back from the checkpoint, with a warning; rows after the checkpoint go, and their rounds
+  run again.
 - A finished run keeps a small checkpoint: each method's global model, server and plug-in
   state, without per-client state (all of it with ``keep_checkpoint``). That is enough to
   extend it exactly, except a method with per-client state (SCAFFOLD, FedDyn, MOON) whose
@@ -22,6 +33,7 @@ generated samples, checkpoint.pt) and follow the same rules:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -30,7 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +61,17 @@ from fedftg.engine.checkpoint import (
     remove_previous,
     save_checkpoint,
 )
+from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
 from fedftg.errors import UserError
 from fedftg.report.files import (
     MetricsLog,
     atomic_write,
     json_line,
-    read_metrics,
+    line_numbers,
+    make_dirs,
+    read_metrics_lines,
+    remove_empty_dirs,
     remove_stale_tmp,
     write_error,
     write_json,
@@ -96,16 +112,52 @@ def _stderr_warning(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
 
 
+def out_names(out: str, now: float | None = None) -> Iterator[Path]:
+    """The names to try in turn for an ``out`` with ``{time}``: the local start time
+    (``20261203-101500``), then the same with ``-2``, ``-3``, ..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    yield Path(out.replace(TIME, stamp))
+    for n in itertools.count(2):
+        yield Path(out.replace(TIME, f"{stamp}-{n}"))
+
+
 def expand_out(out: str, now: float | None = None) -> tuple[Path, bool]:
-    """``out`` with ``{time}`` replaced by the local start time (``20261203-101500``, then
-    ``-2``, ``-3`` if taken), and whether it had the placeholder."""
+    """``out`` with ``{time}`` replaced by the first free name of `out_names`, and whether
+    it had the placeholder (creates nothing; `claim_out` creates it atomically)."""
     if TIME not in out:
         return Path(out), False
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    path, n = Path(out.replace(TIME, stamp)), 2
-    while path.exists() or path.is_symlink():
-        path, n = Path(out.replace(TIME, f"{stamp}-{n}")), n + 1
-    return path, True
+    return next(p for p in out_names(out, now) if not (p.exists() or p.is_symlink())), True
+
+
+def claim_out(out: str, now: float | None = None) -> tuple[Path, bool, list[Path]]:
+    """The run directory of ``out``, created (with its parents) if missing: with ``{time}``
+    the first of `out_names` that this call creates itself (`os.mkdir` fails on a name
+    another run took), so runs started together never share one. Returns it, whether
+    ``out`` had the placeholder, and the folders made (`fedftg.report.files.make_dirs`)."""
+    if TIME not in out:
+        path = Path(out)
+        check_writable(path)
+        try:
+            return path, False, make_dirs(path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+    names = out_names(out, now)
+    path = next(names)
+    check_writable(path)
+    try:
+        made = make_dirs(path.parent)
+    except OSError as exc:
+        raise write_error(path.parent, exc) from None
+    while True:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            path = next(names)
+            continue
+        except OSError as exc:
+            remove_empty_dirs(made)
+            raise write_error(path, exc) from None
+        return path, True, [*made, path]
 
 
 def link_latest(path: Path, warn: Callable[[str], None] = _stderr_warning) -> None:
@@ -226,6 +278,10 @@ class RunDir:
         self.done: dict[str, dict[str, Any]] = {}  # method -> summary of its finished rounds
         self.final: dict[str, dict[str, Any]] = {}  # method -> state after its last round
         self._log: MetricsLog | None = None
+        self.rows: list[dict[str, Any]] = []  # metrics.jsonl's rows, as read back from JSON
+        self._lock: DirLock | None = None
+        self._made: list[Path] = []  # folders `open` created (removed if the run never starts)
+        self._started = False
         self._fingerprint = config_fingerprint(cfg.to_dict())
         samplers = [d for d, _, p in cfg.methods() if registry.plugin_with_samples(p)]
         self._first_sampler = samplers[0] if samplers else None
@@ -244,12 +300,23 @@ class RunDir:
         hints: Hints = CLI_HINTS,
         warn: Callable[[str], None] = _stderr_warning,
     ) -> RunDir:
-        """The run directory of ``cfg`` and what to do with it; a `UserError` if it cannot
-        be this run's (other settings, not writable). Writes nothing."""
-        path, templated = expand_out(cfg.out)
+        """The run directory of ``cfg``, locked for this process, and what to do with it; a
+        `UserError` if it cannot be this run's (held by another process, other settings,
+        not writable). Writes nothing but the directory and its lock file; `close` (or
+        leaving a ``with`` block) releases it."""
+        path, templated, made = claim_out(cfg.out)
+        try:
+            lock = DirLock.acquire(path)
+        except LockHeld as exc:
+            raise UserError(
+                f"out: {path} is in use by another run ({exc.holder}); wait for it to end, "
+                f"or use {hints.out}"
+            ) from None
+        except OSError as exc:
+            remove_empty_dirs(made)
+            raise write_error(path / LOCK_NAME, exc) from None
         cfg = cfg.copy()
         cfg.out = str(path)
-        check_writable(path)
         run = cls(
             cfg,
             path,
@@ -259,8 +326,27 @@ class RunDir:
             hints=hints,
             warn=warn,
         )
-        run._decide(fresh, resume)
+        run._lock, run._made = lock, made
+        try:
+            run._decide(fresh, resume)
+        except BaseException:
+            run.close()
+            raise
         return run
+
+    def close(self) -> None:
+        """Release the directory. One the run never started in is left as it was found:
+        the lock file, and the folders `open` created, are removed."""
+        if self._lock is not None:
+            self._lock.release()
+        if not self._started:
+            remove_empty_dirs(self._made)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _present(self) -> list[str]:
         """The run files in the directory."""
@@ -373,7 +459,9 @@ class RunDir:
     def start(self, partition: Partition, dataset: Dataset) -> None:
         """Create the directory (clearing stale temporary files and, if replaced, the old
         run's files), write config.json and partition.png, keep the metrics the checkpoint
-        accounts for. Call only after every check has passed."""
+        accounts for (restoring rows it holds that the file lost). Call only after every
+        check has passed."""
+        self._started = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -390,7 +478,7 @@ class RunDir:
             list(dataset.classes),
             f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
         )
-        trim_metrics(self.paths["metrics"], self.saved)
+        self.rows = restore_metrics(self.paths["metrics"], self.saved, self.warn)
         self._log = MetricsLog(self.paths["metrics"])
         if self._link:
             link_latest(self.path, self.warn)
@@ -417,10 +505,12 @@ class RunDir:
     def append(self, method: str, record: dict[str, Any]) -> None:
         """One round's record to metrics.jsonl."""
         assert self._log is not None, "start() first"
+        row = json.loads(json_line({"method": method, **record}))  # as a resume reads it
         try:
-            self._log.append({"method": method, **record})
+            self._log.append(row)
         except OSError as exc:
             raise write_error(self.paths["metrics"], exc) from None
+        self.rows.append(row)
 
     def end_round(
         self,
@@ -468,7 +558,7 @@ class RunDir:
         }
         write_json(self.paths["summary"], summary)
         title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
-        plot_curves(read_metrics(self.paths["metrics"]), self.paths["curves"], title)
+        plot_curves(self.rows, self.paths["curves"], title)
         if cfg.checkpoint_every and not self.keep_checkpoint:
             self._save(None, None)  # the small final checkpoint replaces the last full one
             remove_previous(self.checkpoint_path)
@@ -491,6 +581,7 @@ class RunDir:
                 "final": self.final,
                 "current": current,
                 "state": state,
+                "rows": self.rows,
             },
         )
 
@@ -505,20 +596,57 @@ class RunDir:
         plot_samples(denormalise(images, ds), labels.cpu().numpy(), list(ds.classes), path)
 
 
-def trim_metrics(path: Path, saved: dict[str, Any] | None) -> None:
-    """Keep only the metrics the checkpoint accounts for (none without a checkpoint)."""
+def restore_metrics(
+    path: Path, saved: dict[str, Any] | None, warn: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Rewrite metrics.jsonl as the rows checkpoint ``saved`` covers (none without a
+    checkpoint) and return them. Rows after the checkpoint go: their rounds run again.
+
+    A checkpoint holds its rows: one the file lost (a line cut short by a crash or a full
+    disk, or missing) is restored from it, with a warning. A checkpoint from before fedftg
+    kept rows has none: the file's rows it covers are kept, and a covered round without a
+    row is named in a warning, as nothing can restore it."""
     if saved is None:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise write_error(path, exc) from None
-        return
-    rounds = {name: done["rounds"] for name, done in saved["done"].items()}
-    for name, state in saved_states(saved).items():
-        rounds[name] = max(rounds.get(name, 0), int(state["round"]))
-    kept = [r for r in read_metrics(path) if r.get("round", 0) <= rounds.get(r.get("method"), 0)]
+        return []
+    rows, broken = read_metrics_lines(path)
+    if "rows" in saved:
+        kept = list(saved["rows"])
+        have = {json_line(r) for r in rows}
+        restored = [r for r in kept if json_line(r) not in have]
+        if restored:
+            warn(
+                f"{path}: restored {_row_names(restored)} from the checkpoint "
+                f"({line_numbers(broken)} broken)"
+            )
+    else:
+        covered = {name: done["rounds"] for name, done in saved["done"].items()}
+        for name, state in saved_states(saved).items():
+            covered[name] = max(covered.get(name, 0), int(state["round"]))
+        kept = [r for r in rows if r.get("round", 0) <= covered.get(r.get("method"), 0)]
+        have_rounds = {(r.get("method"), r.get("round")) for r in kept}
+        lost = [
+            {"method": name, "round": n}
+            for name, last in covered.items()
+            for n in range(1, last + 1)
+            if (name, n) not in have_rounds
+        ]
+        if lost:
+            warn(
+                f"{path}: no row for {_row_names(lost)} ({line_numbers(broken)} broken), "
+                "and the checkpoint (from an older fedftg) holds none to restore"
+            )
     text = "".join(json_line(r) for r in kept)
     atomic_write(path, lambda p: p.write_text(text))
+    return kept
+
+
+def _row_names(rows: list[dict[str, Any]]) -> str:
+    """``fedavg round 3, fedftg round 1`` for a warning."""
+    return ", ".join(f"{r.get('method')} round {r.get('round')}" for r in rows)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -2,18 +2,23 @@
 
 Every grid point runs all requested methods on its own shared partition and initial model.
 Points whose run directory already holds a finished run with the same settings are
-skipped; interrupted ones continue from their checkpoint. With ``jobs > 1`` points run in
-parallel processes, the CPU threads split between them.
+skipped; interrupted ones continue from their checkpoint. Each point runs in a child
+process (``jobs > 1``: that many in parallel, the CPU threads split between them), which
+holds the point's run directory (`fedftg.engine.dirlock`) and ends with the sweep, however
+the sweep ends (`follow_parent`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,7 +151,8 @@ def run_sweep(
         cmd = [
             sys.executable,
             "-m",
-            "fedftg.cli",
+            "fedftg.engine.sweep",  # `child_main`: `fedftg run` that ends with this process
+            str(os.getpid()),
             "run",  # not a terminal: its log gets one progress line per round
             "--config-json",
             json.dumps(cfg.to_dict()),
@@ -167,3 +173,45 @@ def run_sweep(
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             status += list(pool.map(launch, todo))
     return status
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def follow_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Send this process SIGTERM when process ``parent`` (the sweep) ends, kill -9 included.
+
+    SIGTERM, not SIGKILL: the point then stops as on Ctrl-C (its round finished and saved,
+    exit 143), so a rerun of the sweep continues it. On Linux the kernel sends the signal
+    (``prctl(PR_SET_PDEATHSIG)``; it fires when the thread that started this process ends,
+    and `run_sweep`'s threads wait for their child); elsewhere a daemon thread looks every
+    ``poll_s`` seconds whether the parent has gone. A parent that ended before this call
+    gets the signal sent at once."""
+    me = os.getpid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    else:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(poll_s)
+            os.kill(me, signal.SIGTERM)
+
+        threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+    if os.getppid() != parent:
+        os.kill(me, signal.SIGTERM)
+
+
+def child_main(argv: list[str]) -> int:
+    """A sweep point's process: ``argv`` is the sweep's pid, then `fedftg`'s arguments."""
+    follow_parent(int(argv[0]))
+    from fedftg.cli import main
+
+    return main(argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover - the child process of `run_sweep`
+    raise SystemExit(child_main(sys.argv[1:]))

@@ -142,7 +142,7 @@ def run_federation(
     Context) and is not checkpointed. A method that diverges is handled as in `fedftg
     run` (``on_divergence``): ``stop`` writes the outputs and raises `Diverged`.
     """
-    run = RunDir.open(
+    with RunDir.open(
         cfg,
         engine="flower",
         fresh=fresh,
@@ -150,64 +150,66 @@ def run_federation(
         keep_checkpoint=keep_checkpoint,
         hints=FLOWER_HINTS,
         warn=log.warning,
-    )
-    cfg = run.cfg
-    device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
-    test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std, device)
-    init = initial_state(cfg, ds)
-    partition = split_clients(cfg, ds)  # as the nodes split it: for the heatmap and summary
-    node_of = discover_nodes(grid, cfg.clients, node_wait, round_timeout)
-    if len(node_of) < int(min_replies):
-        raise UserError(f"min-replies: only {len(node_of)} nodes answered")
-    run.start(partition, ds)
-    methods: dict[str, Any] = {}
-    stopped: Diverged | None = None
-    for display, base, plugin in cfg.methods():
-        if run.is_finished(display):
-            methods[display] = run.done[display]
-            continue
-        runner = ServerRunner(cfg, ds, test, init, base, plugin, device)
-        saved = run.restore_point(display)
-        if saved is not None:
-            runner.restore(saved)
-            log.info("%s: resumed after round %d", display, runner.state.round)
-        strategy = FedFTGStrategy(runner, display, base, node_of, int(min_replies))
-        strategy.summary()
-        for server_round in range(runner.state.round + 1, cfg.rounds + 1):
-            arrays = to_record(runner.state.global_state)
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=round_timeout)
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
-            if new_arrays is None and runner.diverged:  # no finite upload this round
-                runner.state.round += 1
-                run.append(display, strategy.last_record or {})
-            elif new_arrays is None:  # too few valid replies: the round is skipped
-                runner.state.round += 1
-                run.append(
-                    display,
-                    {
-                        "round": server_round,
-                        "skipped": True,
-                        "test_acc": None,
-                        "test_loss": None,
-                        "elapsed_s": runner.state.elapsed_s,
-                    },
-                )
-            else:
-                run.append(display, strategy.last_record or {})
-                log.info("%s round %d: %s", display, server_round, strategy.last_record)
-            if runner.diverged:
+    ) as run:
+        cfg = run.cfg
+        device = resolve_device(cfg.device)
+        ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+        test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std, device)
+        init = initial_state(cfg, ds)
+        partition = split_clients(cfg, ds)  # as the nodes split it: for the heatmap and summary
+        node_of = discover_nodes(grid, cfg.clients, node_wait, round_timeout)
+        if len(node_of) < int(min_replies):
+            raise UserError(f"min-replies: only {len(node_of)} nodes answered")
+        run.start(partition, ds)
+        methods: dict[str, Any] = {}
+        stopped: Diverged | None = None
+        for display, base, plugin in cfg.methods():
+            if run.is_finished(display):
+                methods[display] = run.done[display]
+                continue
+            runner = ServerRunner(cfg, ds, test, init, base, plugin, device)
+            saved = run.restore_point(display)
+            if saved is not None:
+                runner.restore(saved)
+                log.info("%s: resumed after round %d", display, runner.state.round)
+            strategy = FedFTGStrategy(runner, display, base, node_of, int(min_replies))
+            strategy.summary()
+            for server_round in range(runner.state.round + 1, cfg.rounds + 1):
+                arrays = to_record(runner.state.global_state)
+                messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                replies = grid.send_and_receive(messages, timeout=round_timeout)
+                new_arrays, _ = strategy.aggregate_train(server_round, replies)
+                if new_arrays is None and runner.diverged:  # no finite upload this round
+                    runner.state.round += 1
+                    run.append(display, strategy.last_record or {})
+                elif new_arrays is None:  # too few valid replies: the round is skipped
+                    runner.state.round += 1
+                    run.append(
+                        display,
+                        {
+                            "round": server_round,
+                            "skipped": True,
+                            "test_acc": None,
+                            "test_loss": None,
+                            "elapsed_s": runner.state.elapsed_s,
+                        },
+                    )
+                else:
+                    run.append(display, strategy.last_record or {})
+                    log.info("%s round %d: %s", display, server_round, strategy.last_record)
+                if runner.diverged:
+                    break
+                run.end_round(display, runner, {"rejected": strategy.rejected})
+            extra = {"rejected": strategy.rejected}
+            methods[display] = run.method_finished(
+                display, runner, extra, samples=not runner.diverged
+            )
+            stopped = divergence(display, runner, on_divergence, _log_going_on)
+            if stopped is not None:
                 break
-            run.end_round(display, runner, {"rejected": strategy.rejected})
-        extra = {"rejected": strategy.rejected}
-        methods[display] = run.method_finished(display, runner, extra, samples=not runner.diverged)
-        stopped = divergence(display, runner, on_divergence, _log_going_on)
+        summary = run.finish(methods, partition)
         if stopped is not None:
-            break
-    summary = run.finish(methods, partition)
-    if stopped is not None:
-        raise stopped
+            raise stopped
     log.info("\n%s", format_table(summary["methods"]))
     for line in plugin_gains(cfg, summary["methods"]):
         log.info(line)

@@ -68,6 +68,38 @@ def remove_stale_tmp(folder: str | Path) -> list[Path]:
     return removed
 
 
+def make_dirs(path: str | Path) -> list[Path]:
+    """Create folder ``path`` and its missing parents; returns the folders this call made
+    (outermost first) so that a command that then fails can remove them (`remove_empty_dirs`).
+    An `OSError` if one cannot be made (the ones made before it are removed)."""
+    missing: list[Path] = []
+    p = Path(path)
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+                continue  # another process made it just now: not ours to remove
+            made.append(folder)
+    except OSError:
+        remove_empty_dirs(made)
+        raise
+    return made
+
+
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove the folders `make_dirs` made, innermost first, as far as they are empty."""
+    for folder in reversed(folders):
+        with suppress(OSError):
+            folder.rmdir()
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented, strict JSON (non-finite numbers as null)."""
     text = json.dumps(strict(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
@@ -119,7 +151,8 @@ def _jsonable(obj: Any) -> Any:
 class MetricsLog:
     """Append-only metrics.jsonl: one JSON object per line, flushed and synced per record.
 
-    A crash can at worst lose the line being written; `read_metrics` ignores a torn last line.
+    A crash can at worst cut the line being written short; `read_metrics_lines` reports
+    such a line, and a run's next start restores the rows its checkpoint holds.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -134,15 +167,33 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (a torn final line is skipped)."""
-    out = []
+def read_metrics_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The complete records of a metrics.jsonl, and the numbers (from 1) of its broken
+    lines: cut short by a crash or a full disk, or otherwise not a JSON object."""
+    out: list[dict[str, Any]] = []
+    broken: list[int] = []
     p = Path(path)
     if not p.exists():
-        return out
-    for line in p.read_text().splitlines():
+        return out, broken
+    for number, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-    return out
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            broken.append(number)
+    return out, broken
+
+
+def line_numbers(numbers: list[int]) -> str:
+    """``no line``, ``line 4`` or ``lines 4, 9`` (of `read_metrics_lines`) for a message."""
+    if not numbers:
+        return "no line"
+    return ("line " if len(numbers) == 1 else "lines ") + ", ".join(map(str, numbers))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics.jsonl (broken lines skipped)."""
+    return read_metrics_lines(path)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ from fedftg.config import (
 )
 from fedftg.errors import UserError
 from fedftg.registry import split_method
-from fedftg.report.files import atomic_write, read_metrics
+from fedftg.report.files import (
+    atomic_write,
+    line_numbers,
+    make_dirs,
+    read_metrics_lines,
+    remove_empty_dirs,
+)
 
 # settings that do not make two runs different experiments (declared ``pooled``)
 POOLED = tuple(f.name for f, m in core_fields() if m.pooled)
@@ -89,6 +96,15 @@ def _label(flat_cfg: dict[str, Any], varying: list[str]) -> str:
     return ", ".join(f"{k}={flat_cfg.get(k)}" for k in varying) or f"{flat_cfg['dataset']}"
 
 
+def metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl; its broken lines (cut short by a crash, or
+    damaged) are skipped with one warning line on stderr naming the file and the lines."""
+    rows, broken = read_metrics_lines(path)
+    if broken:
+        sys.stderr.write(f"warning: {path}: {line_numbers(broken)} broken (cut short?); skipped\n")
+    return rows
+
+
 def collect(runs: list[Path]) -> dict[str, Any]:
     """Group runs by setting; per setting and method, the per-seed summaries and curves.
 
@@ -104,7 +120,7 @@ def collect(runs: list[Path]) -> dict[str, Any]:
         )
         entry["runs"].append(run)
         curves, gains = defaultdict(list), defaultdict(list)
-        for r in read_metrics(run / "metrics.jsonl"):
+        for r in metrics_rows(run / "metrics.jsonl"):
             if r.get("test_acc") is not None:
                 curves[r["method"]].append((r["round"], r["test_acc"]))
                 if r.get("acc_before_server") is not None:
@@ -192,13 +208,23 @@ def _mean_std(values: list[float]) -> str:
 
 
 def build_report(paths: list[str | Path], out: str | Path, target: float = 0.8) -> Path:
-    """Write ``out``/report.md with its figures; returns the markdown path."""
+    """Write ``out``/report.md with its figures; returns the markdown path. The folders
+    it creates for them are removed again if it fails."""
     out_dir = Path(out)
+    settings = collect(find_runs(paths))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(out_dir)
     except OSError as exc:
         raise UserError(f"out: cannot create {out_dir} ({exc.strerror or exc})") from None
-    settings = collect(find_runs(paths))
+    try:
+        return _write_report(settings, out_dir, target)
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
+
+
+def _write_report(settings: dict[str, Any], out_dir: Path, target: float) -> Path:
+    """`build_report` into the existing ``out_dir``."""
     configs = [saved_settings(s["config"]) for s in settings.values()]
     varying = sorted(
         k
