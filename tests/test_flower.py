@@ -91,8 +91,11 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         # reductions depend on memory alignment), and FedFTG's 50 SGD steps amplify it
         assert a["clients"] == b["clients"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert ("train_plugin_loss" in a) == ("train_plugin_loss" in b)
+        assert a.get("train_plugin_loss") == pytest.approx(b.get("train_plugin_loss"), rel=1e-4)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+    assert [r["round"] for r in fl if "train_plugin_loss" in r] == [2]  # FedGen's round 2
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2
 
