@@ -90,7 +90,7 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         # same selection, data, batches and maths; only float rounding may differ (SIMD
         # reductions depend on memory alignment), and FedFTG's 50 SGD steps amplify it
         assert a["clients"] == b["clients"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), (a, b)
         assert ("train_plugin_loss" in a) == ("train_plugin_loss" in b)
         if "train_plugin_loss" in a:
             assert a["train_plugin_loss"] == pytest.approx(b["train_plugin_loss"], rel=1e-4)

@@ -643,6 +643,5 @@ def output_paths(out: str | Path) -> dict[str, Path]:
         "metrics": d / "metrics.jsonl",
         "summary": d / "summary.json",
         "curves": d / "curves.png",
-        "samples": d / "samples.png",
         "partition": d / "partition.png",
     }
