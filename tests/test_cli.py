@@ -73,6 +73,8 @@ BAD = [
     (["--ftg-iterations", "0"], "ftg.iterations"),
     (["--model", "vgg"], "vgg"),
     (["--no-such-flag", "1"], "no-such-flag"),
+    (["--ftg-hard-mining", "maybe"], "ftg-hard-mining"),
+    (["--no-download=true"], "no-download"),
 ]
 
 
@@ -195,3 +197,78 @@ def test_verbose_prints_one_line_per_round(tmp_path, capsys):
     main(["run", *FAST, "--method", "fedavg", "--verbose", "--out", str(tmp_path / "v")])
     err = capsys.readouterr().err
     assert err.count("fedavg round ") == 2
+
+
+def _printed(capsys, args):
+    code, out, err = _run(capsys, ["run", "--method", "fedftg", *args, "--print-config"])
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "value"),
+    [
+        (["--ftg-hard-mining", "false"], False),
+        (["--ftg-hard-mining=false"], False),
+        (["--no-ftg-hard-mining"], False),
+        (["--ftg-hard-mining", "Off"], False),
+        (["--ftg-hard-mining", "0"], False),
+        (["--ftg-hard-mining=no"], False),
+        (["--ftg-hard-mining"], True),
+        (["--ftg-hard-mining", "true"], True),
+        (["--ftg-hard-mining=yes"], True),
+        (["--ftg-hard-mining", "ON"], True),
+        (["--ftg-hard-mining", "1"], True),
+    ],
+)
+def test_every_boolean_spelling_parses(capsys, args, value):
+    assert _printed(capsys, args)["ftg"]["hard_mining"] is value
+    # a value followed by another flag: the flag is not swallowed
+    cfg = _printed(capsys, [*args, "--seed", "5"])
+    assert cfg["ftg"]["hard_mining"] is value and cfg["seed"] == 5
+
+
+def test_every_boolean_setting_has_the_three_forms(capsys):
+    from fedftg.config import core_fields
+    from fedftg.registry import plugins as all_plugins
+    from fedftg.registry import sections
+    from fedftg.settings import fields
+
+    flags = [f.name.replace("_", "-") for f, m in core_fields() if f.type in (bool, "bool")]
+    flags += [
+        f"{name}-" + f.name.replace("_", "-")
+        for name, cls in sections().items()
+        for f, _ in fields(cls)
+        if f.type in (bool, "bool")
+    ]
+    assert "download" in flags and "ftg-hard-mining" in flags
+    PLUGINS = set(all_plugins())
+    methods = ["--method", ",".join(f"fedavg+{p}" for p in sections() if p in PLUGINS)]
+    for flag in flags:
+        printed = {}
+        for value, forms in {
+            False: [[f"--{flag}", "false"], [f"--{flag}=false"], [f"--no-{flag}"]],
+            True: [[f"--{flag}", "true"], [f"--{flag}=true"], [f"--{flag}"]],
+        }.items():
+            runs = [_run(capsys, ["run", *methods, *form, "--print-config"]) for form in forms]
+            assert all(code == 0 for code, _, _ in runs), (flag, runs)
+            assert len({out for _, out, _ in runs}) == 1, flag
+            printed[value] = runs[0][1]
+        assert printed[False] != printed[True], flag
+
+
+def test_sweep_print_config_prints_every_point_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sw"
+    args = ["sweep", "--method", "fedavg", "--rounds", "2", "--grid", "seed=0,1"]
+    code, stdout, err = _run(capsys, [*args, "--out", str(out), "--print-config"])
+    assert code == 0, err
+    points = json.loads(stdout)
+    assert [(p["point"], p["seed"], p["out"]) for p in points] == [
+        ("seed=0", 0, str(out / "seed=0")),
+        ("seed=1", 1, str(out / "seed=1")),
+    ]
+    assert list(tmp_path.iterdir()) == []
+    code, stdout, _ = _run(capsys, ["sweep", "--preset", "paper-cifar10-cpu", "--print-config"])
+    assert code == 0 and len(json.loads(stdout)) > 1
+    assert list(tmp_path.iterdir()) == []

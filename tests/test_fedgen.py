@@ -519,6 +519,10 @@ def test_fedgen_trains_its_generator_and_leaves_the_aggregate_alone(digits):
     assert set(payload["labels"].tolist()) == set(np.flatnonzero(digits.partition.counts.sum(0)))
     second, base2 = runner.run_round(), plain.run_round()
     assert second["train_loss"] != base2["train_loss"]  # the clients' term is on
+    # train_loss stays the clients' own loss (cross-entropy and FedProx's term, of the
+    # size FedProx's is); the generative term is logged beside it, from round 2 on
+    assert "train_plugin_loss" not in first and second["train_plugin_loss"] > 0
+    assert abs(second["train_loss"] - base2["train_loss"]) < 0.5 * base2["train_loss"]
     g2 = runner.plugin.generator.state_dict()
     assert any(not torch.equal(g1[k], g2[k]) for k in g1)  # it persisted and kept learning
 

@@ -90,9 +90,13 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         # same selection, data, batches and maths; only float rounding may differ (SIMD
         # reductions depend on memory alignment), and FedFTG's 50 SGD steps amplify it
         assert a["clients"] == b["clients"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), (a, b)
+        assert ("train_plugin_loss" in a) == ("train_plugin_loss" in b)
+        if "train_plugin_loss" in a:
+            assert a["train_plugin_loss"] == pytest.approx(b["train_plugin_loss"], rel=1e-4)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+    assert [r["round"] for r in fl if "train_plugin_loss" in r] == [2]  # FedGen's round 2
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2
 
@@ -278,6 +282,31 @@ def test_a_diverging_flower_run_stops_with_one_error_line_and_strict_json(simula
     _flwr_run(simulation, settings, nodes=2)  # completes, the method marked diverged
     summary = json.loads((tmp_path / "on" / "summary.json").read_text())
     assert summary["methods"]["fedavg"]["status"] == "diverged"
+
+
+def test_fewer_supernodes_than_clients_fails_naming_the_missing_partitions(simulation, tmp_path):
+    out = tmp_path / "short"
+    settings = {
+        "clients": 4,
+        "participation": 1.0,
+        "rounds": 1,
+        "local-epochs": 1,
+        "method": "fedavg",
+        "node-wait": 3.0,
+        "out": str(out),
+    }
+    output = _flwr_run(simulation, settings, nodes=2, status="finished:failed")
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "no SuperNode holds partition 2-3 of 4" in errors[0], output
+    assert not (out / "metrics.jsonl").exists() and not (out / "summary.json").exists()
+
+
+def test_missing_partitions_and_their_ranges():
+    from fedftg.flower.server_app import id_ranges, missing_partitions
+
+    assert missing_partitions({0: 11, 2: 12, 5: 13}, 7) == [1, 3, 4, 6]
+    assert missing_partitions({0: 1, 1: 2}, 2) == []
+    assert id_ranges([1, 3, 4, 6]) == "1, 3-4, 6" and id_ranges([5, 6, 7, 8, 9]) == "5-9"
 
 
 def _refuse_constant(name: str) -> None:

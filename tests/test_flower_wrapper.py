@@ -337,6 +337,24 @@ def example(monkeypatch):
     return client_app, server_app, task
 
 
+def test_example_saves_its_model_where_its_readme_says(example, tmp_path):
+    _, server_app, _ = example
+    assert server_app.model_path("") is None
+    assert server_app.model_path(str(tmp_path / "m.pt")) == tmp_path / "m.pt"
+    with pytest.raises(ValueError, match="absolute"):  # it would land in the SuperLink's cwd
+        server_app.model_path("final_model.pt")
+    readme = (EXAMPLE / "README.md").read_text()
+    runs = _joined(readme)
+    assert len(runs) == 3 and all("model-path='$PWD/final_model.pt'" in r for r in runs)
+    assert "saved to `final_model.pt` in this folder" in readme
+
+
+def _joined(text: str) -> list[str]:
+    """The shell commands of ``text`` that start with `flwr run`, continuation lines joined."""
+    joined = text.replace("\\\n", " ")
+    return [line for line in joined.splitlines() if line.startswith("flwr run")]
+
+
 @pytest.mark.parametrize(
     "inner",
     [
@@ -438,6 +456,7 @@ def test_example_app_runs_two_rounds_with_flwr_run_in_simulation(tmp_path):
     assert run.returncode == 0, output[-3000:]
     assert "[ROUND 2/2]" in output, output[-3000:]
     assert "ftg-loss-gen" in output and "ftg-after-accuracy" in output, output[-3000:]
+    assert f"final model saved to {model}" in output, output[-3000:]
     state = torch.load(model, weights_only=True)
     assert set(state) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
                           "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # fmt: skip

@@ -101,3 +101,46 @@ def test_sweep_cli_prints_point_lines(tmp_path, monkeypatch, capsys):
     code, out, _ = _run(capsys, ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "s")])
     assert code == 0 and re.search(r"seed=0\s+done", out) and re.search(r"seed=1\s+done", out)
     assert subprocess is sweep.subprocess
+
+
+def test_verbose_prints_round_lines_even_with_no_progress(tmp_path, capsys):
+    args = ["run", *FAST, "--verbose", "--no-progress", "--out", str(tmp_path / "v")]
+    code, _, err = _run(capsys, args)
+    assert code == 0
+    assert [line[:17] for line in err.splitlines() if " round " in line] == [
+        "fedavg round 1/2:",
+        "fedavg round 2/2:",
+    ]
+    code, _, err = _run(capsys, ["run", *FAST, "--no-progress", "--out", str(tmp_path / "n")])
+    assert code == 0 and " round " not in err
+
+
+def test_eta_counts_the_rounds_of_every_method(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("fedftg.engine.progress.time.perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    rep = Reporter("lines", stream)
+    rep.start_method("fedavg", 3, done=0, later=3)  # fedavg+ftg's 3 rounds follow
+    for r in (1, 2, 3):
+        clock[0] += 2.0
+        rep.round({"round": r, "test_acc": 0.5, "train_loss": 1.0, "round_s": 2.0})
+    rep.end_method()
+    rep.start_method("fedavg+ftg", 3, done=0)
+    clock[0] += 8.0  # a slower method: (6 s + 8 s) / 4 rounds = 3.5 s a round
+    rep.round({"round": 1, "test_acc": 0.5, "train_loss": 1.0, "round_s": 8.0})
+    etas = re.findall(r"ETA (\S+)", stream.getvalue())
+    assert etas == ["0:10", "0:08", "0:06", "0:07"]
+
+
+def test_a_run_tells_the_reporter_the_rounds_of_the_later_methods(tmp_path, capsys, monkeypatch):
+    seen = []
+    real = Reporter.start_method
+
+    def spy(self, label, total, done, later=0):
+        seen.append((label, total, done, later))
+        real(self, label, total, done, later)
+
+    monkeypatch.setattr(Reporter, "start_method", spy)
+    args = ["run", *FAST, "--method", "fedavg,fedprox", "--out", str(tmp_path / "e")]
+    assert _run(capsys, args)[0] == 0
+    assert seen == [("fedavg", 2, 0, 2), ("fedprox", 2, 0, 0)]

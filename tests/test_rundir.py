@@ -245,7 +245,8 @@ def test_both_engines_write_the_same_files(tmp_path, capsys):
     assert main(["run", *args, "--rounds", "1", "--quiet", "--out", str(local)]) == 0
     names = sorted(p.name for p in local.iterdir())
     assert names == sorted(p.name for p in flower.iterdir())
-    assert {"partition.png", "samples.png", "checkpoint.pt", "summary.json"} <= set(names)
+    assert {"partition.png", "samples_fedftg.png", "checkpoint.pt", "summary.json"} <= set(names)
+    assert "samples.png" not in names  # one grid per method, no shared copy
     summaries = [json.loads((d / "summary.json").read_text()) for d in (local, flower)]
     assert summaries[0]["partition"] == summaries[1]["partition"]
     assert [s["engine"] for s in summaries] == ["in-process", "flower"]

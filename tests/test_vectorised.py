@@ -285,3 +285,32 @@ def test_engine_auto_batching_is_sequential_on_cpu(digits_setup):
     runner = MethodRunner(digits_setup, "fedavg", None)
     assert digits_setup.cfg.client_batching == "auto"
     assert runner._vectorise_clients() is (digits_setup.device.type == "cuda")
+
+
+def _constant_plugin_term(k: int) -> Term:
+    """A plug-in term of constant value 2 + k: it adds to the loss but not to the gradient,
+    so training is exactly as without it and only the logging can tell."""
+
+    def fn(params, client, shared, feats, logits, batch):
+        return client["c"]
+
+    return Term(fn, client={"c": torch.tensor(2.0 + k)})
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_train_loss_leaves_out_the_plug_in_term_which_is_logged_apart(method):
+    torch.manual_seed(5)
+    model = TinyNet()
+    init = detached_state(model)
+    data = _data(60, 1, 4, 3)
+    spec = LocalSpec(lr=0.1, epochs=1, batch_size=8, momentum=0.9)
+    sizes = [20, 13]
+    seq, vec, _, _ = _both_paths(model, data, sizes, _method(method), spec, _constant_plugin_term)
+    model.load_state_dict(init)
+    plain_seq, plain_vec, _, _ = _both_paths(model, data, sizes, _method(method), spec)
+    for k in range(len(sizes)):
+        assert plain_seq[k].plugin_loss is None and plain_vec[k].plugin_loss is None
+        assert seq[k].loss == plain_seq[k].loss  # the method's own loss, as without a plug-in
+        assert vec[k].loss == pytest.approx(plain_vec[k].loss, rel=1e-6)
+        assert seq[k].plugin_loss == pytest.approx(2.0 + k)
+        assert vec[k].plugin_loss == pytest.approx(2.0 + k)

@@ -21,6 +21,7 @@ from fedftg.config import (
     RunConfig,
     build_config,
     check_given,
+    coerce,
     config_from_dict,
     core_fields,
     given_keys,
@@ -45,14 +46,35 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+class _BoolValue(argparse.Action):
+    """``--x`` alone is true; ``--x V`` / ``--x=V`` takes the usual spellings of true and
+    false (`fedftg.config.coerce`); its twin ``--no-x`` (`_flag`) stores false."""
+
+    def __call__(self, parser: Any, ns: argparse.Namespace, value: Any, option: Any = None):
+        try:
+            setattr(ns, self.dest, True if value is None else coerce(option, bool, value))
+        except UserError as exc:
+            raise argparse.ArgumentError(self, str(exc).split(": ", 1)[1]) from None
+
+
 def _flag(parser: Any, dest: str, flags: list[str], kind: Any, help_text: str) -> None:
+    """One setting's flags; a boolean gets ``--x [true|false]`` and ``--no-x`` for each name."""
     if kind is bool:
         parser.add_argument(
             *flags,
             dest=dest,
-            action=argparse.BooleanOptionalAction,
+            action=_BoolValue,
+            nargs="?",
+            metavar="true|false",
             default=argparse.SUPPRESS,
-            help=help_text,
+            help=f"{help_text}; {', '.join('--no-' + f[2:] for f in flags)}: false",
+        )
+        parser.add_argument(
+            *("--no-" + f[2:] for f in flags),
+            dest=dest,
+            action="store_false",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
         )
     else:
         parser.add_argument(
@@ -161,6 +183,14 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         bases = [cfg.resolve()]
     from fedftg.engine.sweep import grid_points, point_line, threads_line
 
+    if ns.print_config:
+        shown = [
+            {"point": name, **cfg.to_dict()}
+            for base in bases
+            for name, cfg in grid_points(base, grid)
+        ]
+        print(json.dumps(shown, indent=2))
+        return 0
     for base in bases:  # bad grids and job counts are reported before torch loads
         grid_points(base, grid)
     print(threads_line(bases[0], ns.jobs), flush=True)
@@ -395,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="values to sweep, e.g. --grid alpha=0.1,0.5 --grid seed=0,1,2 (repeatable)",
     )
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes [1]")
+    sweep.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings of every grid point as a JSON list and exit (runs nothing)",
+    )
     sweep.add_argument("--report", action="store_true", help="write OUT/report when done")
     sweep.add_argument("--target", type=float, default=0.8, help="target accuracy [0.8]")
     _add_config_flags(sweep)

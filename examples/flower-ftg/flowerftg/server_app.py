@@ -1,5 +1,8 @@
 """flowerftg: a Flower ServerApp; FedAvg, with FedFTG's server step after each aggregation."""
 
+import logging
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -9,6 +12,20 @@ from fedftg.flower import FTGStrategy, run_config_settings
 from flowerftg.task import INPUT_SHAPE, NUM_CLASSES, Net, load_test, test
 
 app = ServerApp()
+
+
+def model_path(value: str) -> Path | None:
+    """Where the final model goes: None for "" (not saved). A relative path is refused: the
+    ServerApp runs in the SuperLink's working directory, not in the folder of `flwr run`."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ValueError(
+            f"model-path must be an absolute path, got {value!r} (the ServerApp runs in the "
+            "SuperLink's working directory): pass --run-config \"model-path='$PWD/final_model.pt'\""
+        )
+    return path
 
 
 def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -23,6 +40,7 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg + FTG for ``num-server-rounds`` rounds and save the final model."""
     cfg = context.run_config
+    path = model_path(str(cfg["model-path"]))  # checked before any round
     torch.manual_seed(0)
     strategy = FedAvg(
         fraction_train=float(cfg["fraction-train"]),
@@ -47,4 +65,6 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(cfg["num-server-rounds"]),
         evaluate_fn=central_evaluate,
     )
-    torch.save(result.arrays.to_torch_state_dict(), str(cfg["model-path"]))
+    if path is not None:
+        torch.save(result.arrays.to_torch_state_dict(), path)
+        logging.getLogger("flwr").info("final model saved to %s", path)

@@ -1,7 +1,8 @@
 """What a run tells the user while it runs, on stderr: a refreshed bar on a terminal, one
 line per round otherwise (logs, CI, nohup), nothing with ``--quiet``.
 
-Rates and ETA count only the rounds this process ran, so a resumed run's are right.
+Rates and ETA count only the rounds this process ran, so a resumed run's are right; the ETA
+covers the whole run: the current method's remaining rounds and those of the methods after it.
 """
 
 from __future__ import annotations
@@ -30,25 +31,29 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.label, self.total, self.first, self.done = "", 0, 0, 0
         self.start = time.perf_counter()
+        self.later = 0  # rounds of the methods after the current one
+        self.spent, self.ran_before = 0.0, 0  # seconds and rounds of earlier methods
         self._bar_shown = False
 
     @classmethod
     def for_run(
         cls, progress: bool | None, verbosity: int, stream: TextIO | None = None
     ) -> Reporter:
-        """``verbosity`` 0 (--quiet): off; 2 (--verbose): lines; else a bar on a terminal
-        (or with --progress), lines without one; --no-progress: off."""
+        """``verbosity`` 0 (--quiet): off; 2 (--verbose): lines, whatever ``progress`` says;
+        else a bar on a terminal (or with --progress), lines without one; --no-progress: off."""
         stream = stream or sys.stderr
-        if verbosity == 0 or progress is False:
-            return cls("off", stream)
         if verbosity >= 2:
             return cls("lines", stream)
+        if verbosity == 0 or progress is False:
+            return cls("off", stream)
         tty = progress if progress is not None else _isatty(stream)
         return cls("bar" if tty else "lines", stream)
 
-    def start_method(self, label: str, total: int, done: int) -> None:
-        """A method starts (or continues after ``done`` rounds from a checkpoint)."""
+    def start_method(self, label: str, total: int, done: int, later: int = 0) -> None:
+        """A method starts (or continues after ``done`` rounds from a checkpoint); ``later``
+        rounds of other methods follow it in this run (they count in the ETA)."""
         self.label, self.total, self.first, self.done = label, total, done, done
+        self.later = later
         self.start = time.perf_counter()
         if done:
             self.note(f"{label}: resumed at round {done + 1} of {total} ({done} done before)")
@@ -58,9 +63,15 @@ class Reporter:
         self.done = int(record["round"])
         if self.mode == "off":
             return
-        ran = max(self.done - self.first, 1)
-        per = (time.perf_counter() - self.start) / ran
-        eta = _clock(per * (self.total - self.done))
+        now = time.perf_counter()
+        per = (now - self.start) / max(self.done - self.first, 1)
+        eta = _clock(
+            run_eta(
+                self.spent + now - self.start,
+                self.ran_before + self.done - self.first,
+                self.total - self.done + self.later,
+            )
+        )
         acc = record.get("test_acc")
         acc_text = "-" if acc is None else f"{100 * acc:.2f}%"
         if self.mode == "lines":
@@ -81,7 +92,12 @@ class Reporter:
         self._bar_shown = True
 
     def end_method(self) -> None:
+        """The current method stops: its time and rounds join the run's rate."""
         self._end_bar()
+        now = time.perf_counter()
+        self.spent += now - self.start
+        self.ran_before += self.done - self.first
+        self.start, self.first = now, self.done  # a second call adds nothing
 
     def note(self, text: str) -> None:
         """One message line (a bar in progress is ended first); shown unless off."""
@@ -108,6 +124,13 @@ class Reporter:
             self.stream.flush()
         except (OSError, ValueError, RuntimeError):  # closed stream, or re-entered by a signal
             pass
+
+
+def run_eta(seconds: float, ran: int, left: int) -> float:
+    """Seconds left: ``left`` rounds at the mean pace of the ``ran`` rounds this process
+    ran (in ``seconds``, all methods so far), so a slower method later in the run is only
+    partly foreseen, but no method is left out."""
+    return seconds / max(ran, 1) * left
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -106,6 +106,7 @@ def run_experiment(
         run.start(setup.partition, setup.dataset)
         methods: dict[str, Any] = {}
         stopped: Diverged | None = None
+        pending = [d for d, _, _ in cfg.methods() if not run.is_finished(d)]
         with _StopFlag(reporter.stopping) as stop:
             for display, base, plugin in cfg.methods():
                 if run.is_finished(display):  # finished before the resume: its outputs are written
@@ -116,7 +117,8 @@ def run_experiment(
                 saved = run.restore_point(display)
                 if saved is not None:
                     runner.restore(saved)
-                reporter.start_method(display, cfg.rounds, runner.state.round)
+                later = cfg.rounds * (len(pending) - 1 - pending.index(display))
+                reporter.start_method(display, cfg.rounds, runner.state.round, later)
                 while runner.state.round < cfg.rounds:
                     record = runner.run_round()
                     run.append(display, record)

@@ -50,7 +50,6 @@ from typing import Any
 import torch
 
 import fedftg
-from fedftg import registry
 from fedftg.config import RunConfig, differing_settings, fingerprint, flatten_sections
 from fedftg.data.partition import Partition, partition_stats
 from fedftg.data.sources import Dataset
@@ -64,6 +63,7 @@ from fedftg.engine.checkpoint import (
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
 from fedftg.errors import UserError
+from fedftg.methods.ftg import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
     atomic_write,
@@ -77,12 +77,13 @@ from fedftg.report.files import (
     write_json,
 )
 from fedftg.report.heatmap import save_partition_heatmap
-from fedftg.report.plots import plot_curves, plot_samples
+from fedftg.report.plots import plot_curves, plot_samples, spread_note
 from fedftg.threads import in_force
 
 TIME = "{time}"
 CHECKPOINT = "checkpoint.pt"
-# what a run writes (besides samples_<method>.png and tensorboard/): --fresh removes these
+# what a run writes (besides samples_<method>.png and tensorboard/): --fresh removes these;
+# samples.png is written no more (one grid per method), but older run directories hold it
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
@@ -283,8 +284,6 @@ class RunDir:
         self._made: list[Path] = []  # folders `open` created (removed if the run never starts)
         self._started = False
         self._fingerprint = config_fingerprint(cfg.to_dict())
-        samplers = [d for d, _, p in cfg.methods() if registry.plugin_with_samples(p)]
-        self._first_sampler = samplers[0] if samplers else None
 
     # ------------------------------------------------------------------ checks (read only)
 
@@ -537,13 +536,13 @@ class RunDir:
         samples: bool = True,
     ) -> dict[str, Any]:
         """After a method's last round (or its divergence): its summary; writes its
-        generated samples unless ``samples`` is false (a diverged generator's are noise)."""
+        generated samples to samples_<method>.png unless ``samples`` is false (a diverged
+        generator's are noise); one file per method, none shared (no samples.png)."""
         if method not in self.done or self.done[method]["rounds"] < runner.state.round:
             self._note_finished(method, runner, extra)
         if samples and runner.has_samples:
-            self._write_samples(runner, self.path / f"samples_{method.replace('+', '_')}.png")
-            if method == self._first_sampler:
-                self._write_samples(runner, self.paths["samples"])
+            path = self.path / f"samples_{method.replace('+', '_')}.png"
+            self._write_samples(method, runner, path)
         return self.done[method]
 
     def finish(self, methods: dict[str, dict[str, Any]], partition: Partition) -> dict[str, Any]:
@@ -585,15 +584,35 @@ class RunDir:
             },
         )
 
-    def _write_samples(self, runner: ServerRunner, path: Path) -> None:
+    def _write_samples(self, method: str, runner: ServerRunner, path: Path) -> None:
+        """8 generated images per class, titled with the method, round and dataset, and
+        their within-class spread against real images' (`spread_note`)."""
         gen = torch.Generator(device=runner.device)
         gen.manual_seed(self.cfg.seed)
-        images, labels = runner.plugin.sample_images(8, gen)  # type: ignore[union-attr]
+        images, labels = runner.plugin.sample_images(SAMPLES_PER_CLASS, gen)  # type: ignore[union-attr]
         if not bool(torch.isfinite(images).all()):
             _stderr_warning(f"{path} not written: the generator's images are not finite")
             return
         ds = runner.dataset
-        plot_samples(denormalise(images, ds), labels.cpu().numpy(), list(ds.classes), path)
+        title = f"{method}, round {runner.state.round}, {ds.name}"
+        note = spread_note(within_class_distance(images, labels), real_spread(runner), ds.name)
+        classes = list(ds.classes)
+        plot_samples(denormalise(images, ds), labels.cpu().numpy(), classes, path, title, note)
+
+
+# generated images per class in samples_<method>.png (and real ones in their spread)
+SAMPLES_PER_CLASS = 8
+
+
+def real_spread(runner: ServerRunner) -> float | None:
+    """The within-class spread of real test images, the first `SAMPLES_PER_CLASS` of each
+    class on the model's normalised scale: the yardstick of a generator's spread."""
+    y = runner.test.y
+    idx = torch.cat(
+        [torch.nonzero(y == c).flatten()[:SAMPLES_PER_CLASS] for c in range(int(y.max()) + 1)]
+    )
+    x, labels = runner.test.batch(idx)
+    return within_class_distance(x, labels)
 
 
 def restore_metrics(

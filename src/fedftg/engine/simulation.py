@@ -386,6 +386,9 @@ class ServerRunner:
             "lr": cfg.lr * cfg.lr_decay**t,
             "train_loss": float(np.mean([r.loss for r in results])),
         }
+        plugin_losses = [r.plugin_loss for r in results if r.plugin_loss is not None]
+        if plugin_losses:  # a plug-in's client term (FedGen), apart from train_loss
+            record["train_plugin_loss"] = float(np.mean(plugin_losses))
         evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
         counts = np.stack(histograms)
         teachers: Teachers | None = None
@@ -640,6 +643,5 @@ def output_paths(out: str | Path) -> dict[str, Path]:
         "metrics": d / "metrics.jsonl",
         "summary": d / "summary.json",
         "curves": d / "curves.png",
-        "samples": d / "samples.png",
         "partition": d / "partition.png",
     }

@@ -167,6 +167,8 @@ def _train(msg: Message, context: Context) -> Message:
             "histogram": data.histogram,
         }
     )
+    if result.plugin_loss is not None:  # FedGen's term, logged apart from the loss
+        metrics["plugin-loss"] = result.plugin_loss
     content = RecordDict(
         {
             "model": to_record(result.state),

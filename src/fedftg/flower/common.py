@@ -8,7 +8,8 @@ Message layout (RecordDict keys):
   (FedGen) ``plugin`` (ArrayRecord: its client payload, e.g. the generator and known labels).
 - client -> server (train): ``model`` (ArrayRecord), ``upload`` (ArrayRecord: method
   extras, e.g. SCAFFOLD's change of c_k), ``metrics`` (MetricRecord: ``num-examples``,
-  ``loss``, ``steps``, ``partition-id`` and ``histogram``, the client's label counts).
+  ``loss``, ``steps``, ``partition-id`` and ``histogram``, the client's label counts, and
+  ``plugin-loss``, a plug-in's client term, apart from ``loss``, when it had one).
 """
 
 from __future__ import annotations

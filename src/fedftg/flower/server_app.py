@@ -4,7 +4,8 @@ Settings come from Flower's run config (``[tool.flwr.app.config]`` and ``--run-c
 mapped onto the same `RunConfig` and validation as `fedftg run`; these keys are
 Flower-only: ``min-replies`` (aggregate a round only if at least this many valid replies
 arrived, default 1), ``round-timeout`` (seconds to wait for replies, default 600),
-``node-wait`` (seconds to wait for all ``clients`` nodes to connect, default 120), and
+``node-wait`` (seconds to wait for a node of each of the ``clients`` partitions, default
+120; a partition still without one fails the run), and
 ``resume``, ``fresh``, ``keep-checkpoint`` (`fedftg run`'s --resume, --fresh and
 --keep-checkpoint). The run directory is `fedftg run`'s (`fedftg.engine.rundir`): the
 same files and the same rules for a directory that holds a run.
@@ -122,6 +123,22 @@ def discover_nodes(grid: Grid, expected: int, wait: float, timeout: float) -> di
     return node_of
 
 
+def missing_partitions(node_of: dict[int, int], clients: int) -> list[int]:
+    """The partitions 0..clients-1 that no node holds."""
+    return [k for k in range(clients) if k not in node_of]
+
+
+def id_ranges(ids: list[int]) -> str:
+    """Sorted ids as short ranges: [2, 3, 4, 7] -> "2-4, 7"."""
+    spans: list[list[int]] = []
+    for k in ids:
+        if spans and k == spans[-1][1] + 1:
+            spans[-1][1] = k
+        else:
+            spans.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -158,6 +175,13 @@ def run_federation(
         init = initial_state(cfg, ds)
         partition = split_clients(cfg, ds)  # as the nodes split it: for the heatmap and summary
         node_of = discover_nodes(grid, cfg.clients, node_wait, round_timeout)
+        missing = missing_partitions(node_of, cfg.clients)
+        if missing:  # training on part of the data would not be the run asked for
+            raise UserError(
+                f"clients: no SuperNode holds partition {id_ranges(missing)} of {cfg.clients} "
+                f"after waiting node-wait={node_wait:g} s ({len(node_of)} answered); start one "
+                "SuperNode per partition or set clients to the number of SuperNodes"
+            )
         if len(node_of) < int(min_replies):
             raise UserError(f"min-replies: only {len(node_of)} nodes answered")
         run.start(partition, ds)

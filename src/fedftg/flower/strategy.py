@@ -161,6 +161,7 @@ class FedFTGStrategy(Strategy):
             steps=int(metrics["steps"]),
             loss=float(metrics["loss"]),
             upload=from_record(msg.content["upload"], device),
+            plugin_loss=float(metrics["plugin-loss"]) if "plugin-loss" in metrics else None,
         )
         hist = np.asarray(metrics["histogram"], dtype=np.int64)
         return int(metrics["partition-id"]), result, hist

@@ -60,6 +60,13 @@ class Term:
     ) -> torch.Tensor:
         return self.fn(params, self.client, self.shared, feats, logits, batch)
 
+    def parts(
+        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
+    ) -> tuple[torch.Tensor, ...]:
+        """The values of the summed terms of `combine_terms` (one value for a plain term),
+        so that a plug-in's part can be logged apart from the method's."""
+        return term_parts(self.fn, params, self.client, self.shared, feats, logits, batch)
+
 
 @dataclass(frozen=True)
 class _SumOfTerms:
@@ -76,14 +83,50 @@ class _SumOfTerms:
         logits: torch.Tensor,
         batch: Tensors,
     ) -> torch.Tensor:
-        total: torch.Tensor | float = 0.0
+        return sum_parts(self.parts(params, client, shared, feats, logits, batch))
+
+    def parts(
+        self,
+        params: Tensors,
+        client: Tensors,
+        shared: Tensors,
+        feats: torch.Tensor,
+        logits: torch.Tensor,
+        batch: Tensors,
+    ) -> tuple[torch.Tensor, ...]:
+        """Each part's value, in the order of `combine_terms`' arguments."""
+        values = []
         for i, fn in enumerate(self.fns):
             prefix = f"{i}."
             own = {"x": batch["x"], "y": batch["y"], **_part(batch, prefix)}
-            total = total + fn(
-                params, _part(client, prefix), _part(shared, prefix), feats, logits, own
+            values.append(
+                fn(params, _part(client, prefix), _part(shared, prefix), feats, logits, own)
             )
-        return total  # type: ignore[return-value]
+        return tuple(values)
+
+
+def sum_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of a term's parts, in the order `_SumOfTerms` has always added them (from
+    0.0, left to right), so that splitting a term off for logging changes no number."""
+    total: torch.Tensor | float = 0.0
+    for value in parts:
+        total = total + value
+    return total  # type: ignore[return-value]
+
+
+def term_parts(
+    fn: TermFn,
+    params: Tensors,
+    client: Tensors,
+    shared: Tensors,
+    feats: torch.Tensor,
+    logits: torch.Tensor,
+    batch: Tensors,
+) -> tuple[torch.Tensor, ...]:
+    """A term function's parts: those of a `combine_terms` sum, else the one value."""
+    if isinstance(fn, _SumOfTerms):
+        return fn.parts(params, client, shared, feats, logits, batch)
+    return (fn(params, client, shared, feats, logits, batch),)
 
 
 def _part(tensors: Tensors, prefix: str) -> Tensors:
@@ -149,8 +192,9 @@ class LocalResult:
     state: State
     num_samples: int
     steps: int
-    loss: float
+    loss: float  # mean cross-entropy plus the client method's own term
     upload: dict[str, torch.Tensor] = field(default_factory=dict)
+    plugin_loss: float | None = None  # mean of a plug-in's client term (FedGen), if it had one
 
 
 def param_names(model: nn.Module) -> list[str]:
@@ -249,7 +293,7 @@ def train_local(
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
-    steps, loss_sum = 0, 0.0
+    steps, loss_sum, plugin_sum = 0, 0.0, 0.0
     for idx in local_batches(indices, spec, gen):
         x, y = data.batch(idx)
         if spec.augment:
@@ -259,15 +303,20 @@ def train_local(
             feats = model.features(x)
             logits = model.classifier(feats)
             loss = F.cross_entropy(logits, y)
+            logged = loss  # what train_loss reports: without a plug-in's part
             if term is not None:
-                loss = loss + term(params, feats, logits, batch)
+                parts = term.parts(params, feats, logits, batch)
+                loss = loss + sum_parts(parts)
+                logged = loss if extra is None else logged + sum_parts(parts[:-1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
         opt.step()
         steps += 1
-        loss_sum += float(loss.detach())
+        loss_sum += float(logged.detach())
+        if extra is not None:  # the plug-in's part is the last (`combine_terms`' order)
+            plugin_sum += float(parts[-1].detach())
     upload = method.finish(model, ctx, steps, spec.lr)
     return LocalResult(
         state=detached_state(model),
@@ -275,6 +324,7 @@ def train_local(
         steps=steps,
         loss=loss_sum / max(steps, 1),
         upload=upload,
+        plugin_loss=None if extra is None else plugin_sum / max(steps, 1),
     )
 
 

@@ -40,6 +40,8 @@ from fedftg.methods.client import (
     functional_template,
     local_batches,
     param_names,
+    sum_parts,
+    term_parts,
 )
 from fedftg.precision import autocast
 
@@ -83,12 +85,14 @@ def train_local_vmap(
     terms = [
         combine_terms(method.begin(model, ctx), e) for ctx, e in zip(ctxs, extras, strict=True)
     ]
-    stepper = _Stepper(model, trained, stacks, terms, spec)
+    plugin = any(e is not None for e in extras)
+    stepper = _Stepper(model, trained, stacks, terms, spec, plugin)
 
     iters = [local_batches(idx, spec, gen) for idx, gen in zip(indices_list, gens, strict=True)]
     steps = [0] * n_clients
     device = next(iter(stacks.values())).device
     loss_sums = torch.zeros(n_clients, dtype=torch.float64, device=device)
+    plugin_sums = torch.zeros(n_clients, dtype=torch.float64, device=device)
     active = list(range(n_clients))
     while active:
         groups: dict[int, list[tuple[int, Tensors]]] = {}
@@ -105,13 +109,15 @@ def train_local_vmap(
         for members in groups.values():
             rows = [k for k, _ in members]
             batch = {n: torch.stack([b[n] for _, b in members]) for n in members[0][1]}
-            losses = stepper.step(rows, batch, first=steps[rows[0]] == 0)
+            losses, plugin_losses = stepper.step(rows, batch, first=steps[rows[0]] == 0)
             loss_sums[rows] += losses
+            plugin_sums[rows] += plugin_losses
             for k in rows:
                 steps[k] += 1
         active.sort()
 
     mean_losses = [total / max(s, 1) for total, s in zip(loss_sums.tolist(), steps, strict=True)]
+    plugin_means = [total / max(s, 1) for total, s in zip(plugin_sums.tolist(), steps, strict=True)]
     results = []
     for k, ctx in enumerate(ctxs):
         state = {n: stacks[n][k].clone() for n in keys}
@@ -124,6 +130,7 @@ def train_local_vmap(
                 steps=steps[k],
                 loss=mean_losses[k],
                 upload=upload,
+                plugin_loss=plugin_means[k] if extras[k] is not None else None,
             )
         )
     return results
@@ -139,8 +146,11 @@ class _Stepper:
         stacks: Tensors,
         terms: list[Term | None],
         spec: LocalSpec,
+        plugin: bool = False,
     ) -> None:
+        """``plugin``: the terms' last part is a plug-in's client half, logged apart."""
         self.trained = trained
+        self.plugin = plugin
         self.stacks = stacks  # every parameter and buffer, (K, ...); updated in place
         self.momentum: Tensors = {}
         self.spec = spec
@@ -162,20 +172,28 @@ class _Stepper:
 
     def _loss(
         self, params: Tensors, others: Tensors, client: Tensors, batch: Tensors
-    ) -> torch.Tensor:
-        """One client's loss on its batch (the body of `train_local`'s step)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One client's loss on its batch (the body of `train_local`'s step), the part of it
+        train_loss reports, and a plug-in's part (0 without one)."""
         x, y = batch["x"], batch["y"]
         low = self.spec.precision != "fp32"
         with autocast(x.device, self.spec.precision), _Fp32BatchNorm() if low else _NULL:
             feats, logits = call_model(self.template, {**others, **params}, x)
             loss = F.cross_entropy(logits, y)
+            logged, plugin = loss, torch.zeros((), device=x.device)
             if self.term_fn is not None:
-                loss = loss + self.term_fn(params, client, self.shared, feats, logits, batch)
-        return loss
+                parts = term_parts(self.term_fn, params, client, self.shared, feats, logits, batch)
+                loss = loss + sum_parts(parts)
+                if self.plugin:
+                    logged, plugin = logged + sum_parts(parts[:-1]), parts[-1]
+                else:
+                    logged = loss
+        return loss, logged, plugin
 
     def step(self, rows: list[int], batch: Tensors, first: bool) -> torch.Tensor:
         """Train clients ``rows`` one step on their stacked step inputs ``batch`` (x: (G, B,
-        ...), y: (G, B), and a term's prepared inputs); their losses."""
+        ...), y: (G, B), and a term's prepared inputs); their logged losses and plug-in
+        parts."""
         spec = self.spec
         x = batch["x"]
         full = rows == list(range(self.n_clients))
@@ -187,7 +205,7 @@ class _Stepper:
         params = {n: take(self.stacks[n]).detach().requires_grad_() for n in self.trained}
         others = {n: take(t) for n, t in self.stacks.items() if n not in params}
         client = {n: take(t) for n, t in self.client.items()}
-        losses = vmap(self._loss)(params, others, client, batch)
+        losses, logged, plugin = vmap(self._loss)(params, others, client, batch)
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
 
         if spec.clip > 0:  # nn.utils.clip_grad_norm_ per client
@@ -214,7 +232,7 @@ class _Stepper:
         if sel is not None:  # BatchNorm updated the running statistics of the taken copies
             for n, t in others.items():
                 self.stacks[n][sel] = t
-        return losses.detach()
+        return logged.detach(), plugin.detach()
 
     @staticmethod
     def _put(stacks: Tensors, name: str, sel: torch.Tensor | None, value: torch.Tensor) -> None:

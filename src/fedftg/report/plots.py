@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,35 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     return save_figure(fig, path)
 
 
-def plot_samples(
-    images: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path
-) -> Path:
-    """A grid of images (N, C, H, W) in [0, 1], one row per class."""
+# A generator whose images of one class differ, pixel for pixel, by less than a tenth of
+# what real images of one class differ by draws what reads as one image per class: real
+# digits differ by about 0.44 (normalised scale, 8x8), so this is under 0.044, a shade
+# difference per pixel that a grid of small images does not show.
+COLLAPSE_RATIO = 0.1
+
+
+def spread_note(spread: float | None, real: float | None, dataset: str) -> str:
+    """The line under a sample grid: the images' within-class spread against real images'
+    (`fedftg.methods.ftg.within_class_distance`), and in words when it has collapsed."""
+    if spread is None:
+        return "within-class spread: not measured (one image per class)"
+    text = f"within-class spread {spread:.3f}"
+    if not real:
+        return text
+    text += f" (real {dataset} images: {real:.3f}, {100 * spread / real:.0f} %)"
+    if spread < COLLAPSE_RATIO * real:
+        text += ": the generator has collapsed to about one image per class"
+    return text
+
+
+def sample_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    title: str = "",
+    note: str = "",
+) -> Any:
+    """The figure of `plot_samples` (kept apart so that tests can read its text)."""
     classes = sorted(set(int(c) for c in labels))
     per_row = max(int(np.sum(labels == c)) for c in classes)
     fig, axes = plt.subplots(
@@ -62,5 +88,22 @@ def plot_samples(
             axes[row, col].imshow(
                 np.clip(shown, 0, 1), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1
             )
-    fig.tight_layout()
-    return save_figure(fig, path)
+    heading = "\n".join([title, *textwrap.wrap(note, 70)]) if title or note else ""
+    if heading:
+        fig.suptitle(heading, fontsize=7)
+    lines = heading.count("\n") + 1 if heading else 0
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.14 * lines / fig.get_figheight()))
+    return fig
+
+
+def plot_samples(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    path: str | Path,
+    title: str = "",
+    note: str = "",
+) -> Path:
+    """A grid of images (N, C, H, W) in [0, 1], one row per class, under ``title`` and
+    ``note`` (e.g. the method, round and dataset, and `spread_note`)."""
+    return save_figure(sample_figure(images, labels, class_names, title, note), path)

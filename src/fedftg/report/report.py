@@ -271,17 +271,30 @@ def _write_report(settings: dict[str, Any], out_dir: Path, target: float) -> Pat
         curve_png = f"curves_{i}.png"
         plot_spread(entry["methods"], out_dir / curve_png, title)
         lines += ["", f"![accuracy curves]({curve_png})", ""]
-        for name in ("partition.png", "samples.png"):
-            src = entry["runs"][0] / name
+        first = entry["runs"][0]
+        for src, caption in [(first / "partition.png", "partition (first seed)")] + [
+            (p, _grid_caption(p)) for p in sample_grids(first)
+        ]:
             if src.exists():
-                dest = f"{Path(name).stem}_{i}.png"
+                dest = f"{src.stem}_{i}.png"
                 shutil.copyfile(src, out_dir / dest)
-                caption = "partition (first seed)" if "partition" in name else "generated samples"
                 lines += [f"![{caption}]({dest})", ""]
     md = out_dir / "report.md"
     text = "\n".join(lines) + "\n"
     atomic_write(md, lambda p: p.write_text(text))
     return md
+
+
+def sample_grids(run: Path) -> list[Path]:
+    """A run's generated-sample grids: samples_<method>.png, one per method, or the single
+    samples.png of a run directory from before them."""
+    grids = sorted(run.glob("samples_*.png"))
+    return grids or [p for p in [run / "samples.png"] if p.exists()]
+
+
+def _grid_caption(path: Path) -> str:
+    method = path.stem.partition("_")[2]  # samples_fedavg_ftg.png -> fedavg_ftg
+    return f"generated samples{': ' + method if method else ''} (first seed)"
 
 
 def _plugin_table(methods: dict[str, list[dict[str, Any]]], last_round: int) -> list[str]:
