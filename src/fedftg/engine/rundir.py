@@ -304,16 +304,6 @@ class RunDir:
         not writable). Writes nothing but the directory and its lock file; `close` (or
         leaving a ``with`` block) releases it."""
         path, templated, made = claim_out(cfg.out)
-        try:
-            lock = DirLock.acquire(path)
-        except LockHeld as exc:
-            raise UserError(
-                f"out: {path} is in use by another run ({exc.holder}); wait for it to end, "
-                f"or use {hints.out}"
-            ) from None
-        except OSError as exc:
-            remove_empty_dirs(made)
-            raise write_error(path / LOCK_NAME, exc) from None
         cfg = cfg.copy()
         cfg.out = str(path)
         run = cls(
@@ -325,7 +315,20 @@ class RunDir:
             hints=hints,
             warn=warn,
         )
-        run._lock, run._made = lock, made
+        run._made = made
+        try:
+            run._lock = DirLock.acquire(path)
+        except LockHeld as exc:
+            run.close()
+            raise UserError(
+                f"out: {path} is in use by another run ({exc.holder}); wait for it to end, "
+                f"or use {hints.out}"
+            ) from None
+        except BaseException as exc:
+            run.close()
+            if isinstance(exc, OSError):
+                raise write_error(path / LOCK_NAME, exc) from None
+            raise
         try:
             run._decide(fresh, resume)
         except BaseException:
