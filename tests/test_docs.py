@@ -128,7 +128,9 @@ def test_every_documented_fedftg_command_parses(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("where", "argvs"), _blocks_with_fedftg(), ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(
+    ("where", "argvs"), _blocks_with_fedftg(), ids=[w for w, _ in _blocks_with_fedftg()]
+)
 def test_every_documented_fedftg_command_runs_shrunk(where, argvs, tmp_path, capsys, monkeypatch):
     """Each block's fedftg commands in order (a report reads its block's sweep), shrunk."""
     monkeypatch.chdir(tmp_path)

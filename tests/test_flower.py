@@ -133,6 +133,16 @@ def _good(strategy, **changes):
     )
 
 
+def test_a_plug_in_loss_travels_beside_the_loss(strategy):
+    from types import SimpleNamespace
+
+    reply = SimpleNamespace(content=_good(strategy, metrics={"plugin-loss": 22.5}))
+    _, result, _ = strategy._parse(reply)  # noqa: SLF001
+    assert (result.loss, result.plugin_loss) == (0.5, 22.5)
+    _, plain, _ = strategy._parse(SimpleNamespace(content=_good(strategy)))  # noqa: SLF001
+    assert plain.plugin_loss is None
+
+
 def test_scaffold_clients_receive_the_pre_step_aggregate(monkeypatch):
     import types
 

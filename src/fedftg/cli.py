@@ -59,7 +59,14 @@ class _BoolValue(argparse.Action):
 
 def _flag(parser: Any, dest: str, flags: list[str], kind: Any, help_text: str) -> None:
     """One setting's flags; a boolean gets ``--x [true|false]`` and ``--no-x`` for each name."""
-    if kind is bool:
+    if kind is bool:  # the hidden --no-x first: the shown --x is the dest's last action
+        parser.add_argument(
+            *("--no-" + f[2:] for f in flags),
+            dest=dest,
+            action="store_false",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
         parser.add_argument(
             *flags,
             dest=dest,
@@ -68,13 +75,6 @@ def _flag(parser: Any, dest: str, flags: list[str], kind: Any, help_text: str) -
             metavar="true|false",
             default=argparse.SUPPRESS,
             help=f"{help_text}; {', '.join('--no-' + f[2:] for f in flags)}: false",
-        )
-        parser.add_argument(
-            *("--no-" + f[2:] for f in flags),
-            dest=dest,
-            action="store_false",
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
         )
     else:
         parser.add_argument(
