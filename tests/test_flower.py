@@ -73,7 +73,11 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         "local-epochs": 1,
         "seed": 5,
         "method": "fedavg+ftg,scaffold,fedgen",
+        "model": "cnn-bn",  # BatchNorm, so that the FTG settings beyond the paper all act
         "ftg-iterations": 2,
+        "ftg-bn-loss": 1.0,
+        "ftg-gen-ema": 0.5,
+        "ftg-bn-stats": "pooled",
         "fedgen-ensemble-epochs": 5,  # FedGen's generator travels to the clients in round 2
     }
     flower = {**common, "node-wait": 30.0, "out": str(tmp_path / "flower")}
@@ -93,6 +97,9 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+        assert ("ftg_loss_bn" in a) == ("ftg_loss_bn" in b) == a["method"].endswith("ftg")
+        if "ftg_loss_bn" in b:
+            assert a["ftg_loss_bn"] == pytest.approx(b["ftg_loss_bn"], rel=1e-3)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2
 
