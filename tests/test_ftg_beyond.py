@@ -151,36 +151,53 @@ def _first_draw(plugin: str, server: FTGServer, counts: np.ndarray):
     return z, y
 
 
-@pytest.mark.parametrize("plugin", ["ftg", "df"])
-def test_bn_loss_is_the_weighted_gap_of_the_generated_batch_and_reduces_it(plugin):
-    """One generator step: the logged term is each teacher's gap on G(z, y) weighted (FedFTG:
-    by its class-level weights on the batch, here 1 with one teacher; FedDF: the mean over
-    the teachers), and the step lowers it on the same batch."""
-    teachers = _clients(1 if plugin == "ftg" else 3)
-    counts = COUNTS[: len(teachers)]
-    quiet = dict(lambda_dis=0.0, gen_steps=1, student_steps=1, gen_lr=1e-3)
+def _one_step_server(plugin: str, gen_lr: float) -> FTGServer:
+    """A step of one generator step with the BatchNorm loss as the generator's only term
+    (FedDF keeps its cross-entropy) and one student step."""
+    quiet = dict(lambda_dis=0.0, gen_steps=1, student_steps=1, gen_lr=gen_lr, bn_loss=2.0)
     if plugin == "ftg":
-        cfg = FTGConfig(iterations=1, lambda_cls=0.0, hard_mining=False, bn_loss=2.0, **quiet)
-        server = FTGServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
-    else:
-        cfg = FedDFConfig(bn_loss=2.0, **quiet)
-        server = FedDFServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
+        cfg = FTGConfig(iterations=1, lambda_cls=0.0, hard_mining=False, **quiet)
+        return FTGServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
+    cfg = FedDFConfig(**quiet)
+    return FedDFServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
+
+
+def _gaps(plugin: str, server: FTGServer, teachers, counts) -> torch.Tensor:
+    """Each teacher's gap on the first generator step's batch, from the current generator."""
     z, y = _first_draw(plugin, server, counts)
-    onehot = F.one_hot(y, 10).float()
-    stack = StackedModels.from_modules(teachers)
+    with torch.no_grad():
+        x = copy.deepcopy(server.generator).train()(z, F.one_hot(y, 10).float())
+        return StackedModels.from_modules(teachers).all_with_bn_gap(x)[1], y
 
-    def gap(generator: nn.Module) -> float:
-        with torch.no_grad():
-            x = copy.deepcopy(generator).train()(z, onehot)
-            return float(stack.all_with_bn_gap(x)[1].mean())
 
-    before = gap(server.generator)
-    metrics = server.step(_student(), teachers, counts, 0, torch.Generator().manual_seed(0))
-    weight = float(class_weights(counts)[0, y].mean()) if plugin == "ftg" else 1.0
-    assert metrics["loss_bn"] == pytest.approx(before * weight, rel=1e-5)
-    assert gap(server.generator) < before
-    if plugin == "ftg":  # the logged generator loss is the sum of its terms
+@pytest.mark.parametrize("plugin", ["ftg", "df"])
+def test_bn_loss_weighs_each_teachers_gap_on_the_generated_batch(plugin):
+    """FedFTG: teacher k's step adds its gap times its mean class-level weight on the batch;
+    FedDF: the mean over the teachers. A learning rate of 1e-12 keeps the generator the same
+    through FedFTG's K steps, so each sees the first batch."""
+    teachers = _clients(3)
+    server = _one_step_server(plugin, gen_lr=1e-12)
+    gaps, y = _gaps(plugin, server, teachers, COUNTS)
+    metrics = server.step(_student(), teachers, COUNTS, 0, torch.Generator().manual_seed(0))
+    if plugin == "ftg":
+        weights = class_weights(COUNTS)[:, y].mean(dim=1)  # (K,)
+        assert not torch.allclose(weights, torch.ones(3))  # so the weighting is visible
+        want = float((gaps * weights).mean())  # the round's mean over its K steps
         assert metrics["loss_gen"] == pytest.approx(2.0 * metrics["loss_bn"], rel=1e-6)
+    else:
+        want = float(gaps.mean())
+    assert metrics["loss_bn"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("plugin", ["ftg", "df"])
+def test_bn_loss_step_lowers_the_gap_on_its_batch(plugin):
+    teachers = _clients(1)
+    counts = COUNTS[:1]
+    server = _one_step_server(plugin, gen_lr=1e-3)
+    before, _ = _gaps(plugin, server, teachers, counts)
+    server.step(_student(), teachers, counts, 0, torch.Generator().manual_seed(0))
+    after, _ = _gaps(plugin, server, teachers, counts)
+    assert float(after) < float(before)
 
 
 def test_bn_loss_is_zero_for_a_model_without_batchnorm():
