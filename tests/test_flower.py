@@ -73,7 +73,11 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         "local-epochs": 1,
         "seed": 5,
         "method": "fedavg+ftg,scaffold,fedgen",
+        "model": "cnn-bn",  # BatchNorm, so that the FTG settings beyond the paper all act
         "ftg-iterations": 2,
+        "ftg-bn-loss": 1.0,
+        "ftg-gen-ema": 0.5,
+        "ftg-bn-stats": "pooled",
         "fedgen-ensemble-epochs": 5,  # FedGen's generator travels to the clients in round 2
     }
     flower = {**common, "node-wait": 30.0, "out": str(tmp_path / "flower")}
@@ -88,14 +92,25 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
     assert [(r["method"], r["round"]) for r in fl] == [(r["method"], r["round"]) for r in lo]
     for a, b in zip(fl, lo, strict=True):
         # same selection, data, batches and maths; only float rounding may differ (SIMD
-        # reductions depend on memory alignment), and FedFTG's 50 SGD steps amplify it
+        # reductions depend on memory alignment), and FedFTG's 50 SGD steps amplify it.
+        # With BatchNorm and the options on, round 1's step turns a 1e-7 difference of the
+        # uploads into 2e-5 of the model, which round 2's clients and step amplify to about
+        # 1 % (in-process, fast against reference, the same maths in another float order,
+        # differ by 2e-4 to 8e-4 in round 2 from 3e-7 after round 1); a generator or its
+        # average lost between rounds would put round 2's BatchNorm loss back near
+        # round 1's (1.9 against 1.1)
+        late_ftg = a["round"] > 1 and a["method"].endswith("ftg")
+        loose = 2e-2 if late_ftg else None
         assert a["clients"] == b["clients"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), (a, b)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=loose or 1e-4), (a, b)
         assert ("train_plugin_loss" in a) == ("train_plugin_loss" in b)
         if "train_plugin_loss" in a:
             assert a["train_plugin_loss"] == pytest.approx(b["train_plugin_loss"], rel=1e-4)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
-        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=loose or 1e-3)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.05 if late_ftg else 0.01)
+        assert ("ftg_loss_bn" in a) == ("ftg_loss_bn" in b) == a["method"].endswith("ftg")
+        if "ftg_loss_bn" in b:
+            assert a["ftg_loss_bn"] == pytest.approx(b["ftg_loss_bn"], rel=loose or 1e-4)
     assert [r["round"] for r in fl if "train_plugin_loss" in r] == [2]  # FedGen's round 2
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2

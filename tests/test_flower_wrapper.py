@@ -78,13 +78,16 @@ def _reply(node: int, state, n: int, hist) -> Message:
     return Message(content=content, metadata=_meta(node))
 
 
-def _clients(k: int = 3, seed: int = 0):
+def _clients(k: int = 3, seed: int = 0, model: str = "cnn"):
     """K client models near a seeded initial CNN, their sizes and label histograms."""
-    cfg = RunConfig(seed=seed).validate()
+    cfg = RunConfig(seed=seed, model=model).validate()
     init = initial_state(cfg, load_dataset("digits"))
     gen = torch.Generator().manual_seed(seed)
     states = [
-        {n: v + 0.05 * torch.randn(v.shape, generator=gen) for n, v in init.items()}
+        {
+            n: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for n, v in init.items()
+        }
         for _ in range(k)
     ]
     rng = np.random.default_rng(seed)
@@ -100,11 +103,11 @@ def _zip(*lists):
 FAST = {"iterations": 1, "batch_size": 16, "student_steps": 2, "ngf": 16}
 
 
-def _wrapper(strategy=None, **kw) -> FTGStrategy:
+def _wrapper(strategy=None, model: str = "cnn", **kw) -> FTGStrategy:
     settings = kw.pop("settings", FAST)
     return FTGStrategy(
         strategy or FedAvg(),
-        model=lambda: build_model("cnn", 1, 8, 10),
+        model=lambda: build_model(model, 1, 8, 10),
         num_classes=10,
         input_shape=SHAPE,
         settings=settings,
@@ -115,15 +118,24 @@ def _wrapper(strategy=None, **kw) -> FTGStrategy:
 # ------------------------------------------------------------- the same maths as fedftg's
 
 
-@pytest.mark.parametrize("plugin", ["ftg", "df"])
-def test_wrapper_around_fedavg_equals_fedftgs_own_server_step(plugin):
+# the settings beyond the paper, on a BatchNorm model where each of them acts
+BEYOND = {"bn_loss": 1.0, "gen_ema": 0.5, "bn_stats": "pooled"}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "model", "options"),
+    [("ftg", "cnn", {}), ("df", "cnn", {}), ("ftg", "cnn-bn", BEYOND), ("df", "cnn-bn", BEYOND)],
+)
+def test_wrapper_around_fedavg_equals_fedftgs_own_server_step(plugin, model, options):
     seed = 3
-    init, states, sizes, hists = _clients(seed=seed)
-    cfg = RunConfig(clients=3, participation=1.0, seed=seed, method=[f"fedavg+{plugin}"])
+    init, states, sizes, hists = _clients(seed=seed, model=model)
+    cfg = RunConfig(
+        clients=3, participation=1.0, seed=seed, method=[f"fedavg+{plugin}"], model=model
+    )
     cfg = cfg.validate()
     df = {"gen_steps": 3, "student_steps": 3, "batch_size": 16, "ngf": 16}
     steps = {"ftg": FAST, "df": df}[plugin]
-    for name, value in steps.items():
+    for name, value in {**steps, **options}.items():
         setattr(cfg.sections[plugin], name, value)
     ds = load_dataset("digits")
     test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std)
@@ -135,7 +147,7 @@ def test_wrapper_around_fedavg_equals_fedftgs_own_server_step(plugin):
     record = runner.server_update(results, [np.asarray(h) for h in hists], time.perf_counter())
     expected = runner.state.global_state
 
-    wrapper = _wrapper(plugin=plugin, settings=cfg.sections[plugin], seed=seed)
+    wrapper = _wrapper(plugin=plugin, settings=cfg.sections[plugin], seed=seed, model=model)
     replies = [_reply(10 + j, s, n, h) for j, (s, n, h) in _zip(states, sizes, hists)]
     arrays, metrics = wrapper.aggregate_train(1, replies)
     got = arrays.to_torch_state_dict()
@@ -146,6 +158,9 @@ def test_wrapper_around_fedavg_equals_fedftgs_own_server_step(plugin):
         torch.testing.assert_close(got[name], expected[name], atol=2e-5, rtol=1e-4)
     assert metrics[f"{plugin}-teachers"] == 3
     assert metrics[f"{plugin}-loss-distill"] == pytest.approx(record[f"{plugin}_loss_distill"])
+    if options:
+        assert metrics[f"{plugin}-loss-bn"] == pytest.approx(record[f"{plugin}_loss_bn"])
+        assert any(k.startswith("ema.") for k in wrapper.state_dict())
     for name, value in wrapper.state_dict().items():  # the same generator afterwards
         torch.testing.assert_close(value, runner.plugin.state_dict()[name], atol=2e-5, rtol=1e-4)
 

@@ -50,7 +50,8 @@ class FedDFServer(FTGServer):
             weight_decay=cfg.student_weight_decay,
         )
         held = np.asarray(counts).sum(axis=0) > 0  # uniform over the classes present
-        gen_sum = dis_sum = kl_sum = 0.0
+        gen_sum = dis_sum = kl_sum = bn_sum = 0.0
+        bn_on = cfg.bn_loss > 0
         nets = self._teachers(teachers)
         student.eval()
         self.generator.train()
@@ -58,21 +59,31 @@ class FedDFServer(FTGServer):
             z, y = self._draw(held, generator)
             with self._autocast():
                 x = self.generator(z, self._onehot(y))
-                mean_logits = upcast(nets.all(x)).mean(0)
+                if bn_on:
+                    logits, gaps = nets.all_with_bn_gap(x)
+                    mean_logits = upcast(logits).mean(0)
+                else:
+                    mean_logits = upcast(nets.all(x)).mean(0)
             l_ce = F.cross_entropy(mean_logits, y)
             l_dis = self._diversity(z, upcast(x), y)
             loss = l_ce + cfg.lambda_dis * l_dis
+            if bn_on:
+                l_bn = gaps.mean()  # the teachers' uniform average, as their logits
+                loss = loss + cfg.bn_loss * l_bn
+                bn_sum += float(l_bn.detach())
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()
+            self._generator_stepped()
             gen_sum += float(l_ce.detach())
             dis_sum += float(l_dis.detach())
         self.generator.eval()
+        sampler = self.sampler().eval()
         student.train()
         for _ in range(cfg.student_steps):
             z, y = self._draw(held, generator)
             with torch.no_grad(), self._autocast():
-                x = self.generator(z, self._onehot(y))
+                x = sampler(z, self._onehot(y))
                 probs = F.softmax(upcast(nets.all(x)) / cfg.temperature, dim=-1).mean(0)
             with self._autocast():
                 s = upcast(student(x))
@@ -82,11 +93,14 @@ class FedDFServer(FTGServer):
             opt_s.step()
             kl_sum += float(loss.detach())
         student.eval()
-        return {
+        out = {
             "loss_cls": gen_sum / cfg.gen_steps,
             "loss_dis": dis_sum / cfg.gen_steps,
             "loss_distill": kl_sum / cfg.student_steps,
         }
+        if bn_on:
+            out["loss_bn"] = bn_sum / cfg.gen_steps
+        return out
 
     def _draw(
         self, held: np.ndarray, generator: torch.Generator

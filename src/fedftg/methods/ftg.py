@@ -9,6 +9,7 @@ maths is in pure functions below; `FTGServer` runs the authors' schedule with th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedftg.methods.specs.ftg import FTGConfig
+from fedftg.models.bn_stats import load_pooled_statistics
 from fedftg.models.generator import ConditionalGenerator
 from fedftg.models.stacked import Teachers, as_teachers
 from fedftg.precision import autocast, upcast
@@ -162,7 +164,24 @@ def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float | None
     return float(dist[same].mean())
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * model`` for every floating parameter and
+    buffer, in place; integer buffers (BatchNorm's step counters) are copied."""
+    mine = dict(average.named_parameters()) | dict(average.named_buffers())
+    theirs = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, a in mine.items():
+        b = theirs[name].detach()
+        if a.is_floating_point():
+            a.mul_(decay).add_(b, alpha=1.0 - decay)
+        else:
+            a.copy_(b)
+
+
 # ---------------------------------------------------------------------- the server step
+
+
+EMA = "ema."  # the prefix of the generator's moving average in a server's state
 
 
 @contextmanager
@@ -220,12 +239,40 @@ class FTGServer:
                 cfg.nz, num_classes, channels, image_size, cfg.ngf
             ).to(self.device)
 
+        # the moving average of the generator that draws the student's samples (gen_ema)
+        self.gen_ema: ConditionalGenerator | None = None
+        if cfg.gen_ema > 0:
+            self.gen_ema = copy.deepcopy(self.generator).requires_grad_(False)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The generator's parameters and BatchNorm buffers."""
-        return {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+        """The generator's parameters and BatchNorm buffers (and, with ``gen_ema``, its
+        moving average's under ``ema.``)."""
+        out = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+        if self.gen_ema is not None:
+            ema = self.gen_ema.state_dict()
+            out.update({f"{EMA}{k}": v.detach().clone() for k, v in ema.items()})
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.load_state_dict(state)
+        """Continue from `state_dict` output; with ``gen_ema``, a state saved without the
+        moving average starts it from the loaded generator."""
+        if self.gen_ema is None:
+            self.generator.load_state_dict(state)
+            return
+        own = {k: v for k, v in state.items() if not k.startswith(EMA)}
+        self.generator.load_state_dict(own)
+        ema = {k[len(EMA) :]: v for k, v in state.items() if k.startswith(EMA)}
+        self.gen_ema.load_state_dict(ema or own)
+
+    def sampler(self) -> ConditionalGenerator:
+        """The generator the student's samples come from: the moving average with
+        ``gen_ema``, else the generator itself."""
+        return self.generator if self.gen_ema is None else self.gen_ema
+
+    def _generator_stepped(self) -> None:
+        """After each generator step: move the average (``gen_ema``) toward it."""
+        if self.gen_ema is not None:
+            ema_update(self.gen_ema, self.generator, self.cfg.gen_ema)
 
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.num_classes).to(self.generator.embed_y.weight.dtype)
@@ -253,10 +300,16 @@ class FTGServer:
         ``teachers`` are the participants' models (modules, or a teacher set from
         `fedftg.models.stacked`). The student is left in eval mode, with its BatchNorm
         statistics re-estimated on generated samples or, with ``bn_stats="aggregate"``,
-        as they came. Returns the round's mean loss terms.
+        as they came, or with ``"pooled"`` the teachers' pooled by sample count
+        (`fedftg.models.bn_stats.pooled_statistics`). Returns the round's mean loss terms.
         """
-        with kept_buffers(student, self.cfg.bn_stats == "aggregate"):
-            return self._fine_tune(student, teachers, counts, round_idx, generator)
+        with kept_buffers(student, self.cfg.bn_stats != "generated"):
+            out = self._fine_tune(student, teachers, counts, round_idx, generator)
+        if self.cfg.bn_stats == "pooled":
+            nets = self._teachers(teachers)
+            sizes = torch.as_tensor(np.asarray(counts).sum(axis=1), dtype=torch.float64)
+            load_pooled_statistics(student, [nets.state(j) for j in range(len(nets))], sizes)
+        return out
 
     def _fine_tune(
         self,
@@ -287,6 +340,9 @@ class FTGServer:
             counts_t.sum(0).numpy(), cfg.iterations, cfg.batch_size, generator, cfg.label_sampling
         ).to(dev)
         sums = dict.fromkeys(("loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"), 0.0)
+        bn_on = cfg.bn_loss > 0
+        if bn_on:
+            sums["loss_bn"] = 0.0
         n_gen = 0
         grad_flags = [p.requires_grad for p in student.parameters()]
         for it in range(cfg.iterations):
@@ -305,7 +361,11 @@ class FTGServer:
                 for j in range(k):
                     with self._autocast():
                         x = self.generator(z, onehot)
-                        t = upcast(nets.one(j, x))
+                        if bn_on:
+                            t, gap = nets.one_with_bn_gap(j, x)
+                            t = upcast(t)
+                        else:
+                            t = upcast(nets.one(j, x))
                         s = upcast(student(x))
                     x = upcast(x)
                     l_md = (
@@ -316,9 +376,14 @@ class FTGServer:
                     l_cls = cls_loss(t, y, w[j])
                     l_dis = self._diversity(z, x, y)
                     loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
+                    if bn_on:
+                        l_bn = gap * w[j].mean()  # by its class-level weights, as l_cls
+                        loss = loss + cfg.bn_loss * l_bn
+                        sums["loss_bn"] += float(l_bn.detach())
                     opt_g.zero_grad(set_to_none=True)
                     loss.backward()
                     opt_g.step()
+                    self._generator_stepped()
                     n_gen += 1
                     sums["loss_md"] += float(l_md.detach())
                     sums["loss_cls"] += float(l_cls.detach())
@@ -328,11 +393,12 @@ class FTGServer:
                 p.requires_grad_(flag)
             # student: distil the weighted teacher ensemble on G's samples
             self.generator.eval()
+            sampler = self.sampler().eval()
             student.train()
             for d in range(cfg.student_steps):
                 if d == 0 or not fast:
                     with torch.no_grad(), self._autocast():
-                        x = self.generator(z, onehot)
+                        x = sampler(z, onehot)
                         target = ensemble_target(upcast(nets.all(x)), w)
                 with self._autocast():
                     s = upcast(student(x))
@@ -351,17 +417,19 @@ class FTGServer:
 
     @torch.no_grad()
     def generate(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Generated images (normalised scale) of labels ``y``, from the generator in eval mode
-        (its running statistics are read, not updated); its train/eval mode is restored."""
+        """Generated images (normalised scale) of labels ``y``, from the generator the
+        student learns from (`sampler`) in eval mode (its running statistics are read, not
+        updated); its train/eval mode is restored."""
         z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
             self.device
         )
-        was_training = self.generator.training
-        self.generator.eval()
+        net = self.sampler()
+        was_training = net.training
+        net.eval()
         try:
-            return self.generator(z, self._onehot(y.to(self.device)))
+            return net(z, self._onehot(y.to(self.device)))
         finally:
-            self.generator.train(was_training)
+            net.train(was_training)
 
     def sample_images(
         self, per_class: int, generator: torch.Generator

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedftg.models.bn_stats import with_bn_gap
+
 State = dict[str, torch.Tensor]
 
 
@@ -75,6 +77,23 @@ class StackedModels:
 
         return vmap(run)(self.params, self.buffers)
 
+    def one_with_bn_gap(self, j: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`one` and model ``j``'s BatchNorm-statistics gap on ``x`` (`fedftg.models.bn_stats`),
+        from the same forward pass."""
+        return with_bn_gap(self._net, lambda: self.one(j, x))
+
+    def all_with_bn_gap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`all` and each model's BatchNorm-statistics gap on ``x``, (K,), from the same
+        batched pass (one model after another under autocast, as `all`)."""
+        if torch.is_autocast_enabled(x.device.type):
+            pairs = [self.one_with_bn_gap(j, x) for j in range(len(self))]
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+        def run(p: State, b: State) -> tuple[torch.Tensor, torch.Tensor]:
+            return with_bn_gap(self._net, lambda: functional_call(self._net, (p, b), (x,)))
+
+        return vmap(run)(self.params, self.buffers)
+
 
 class ReloadingModels:
     """Reference path: one module, the client's weights loaded before every forward pass."""
@@ -103,6 +122,18 @@ class ReloadingModels:
     def all(self, x: torch.Tensor) -> torch.Tensor:
         """One model after another; each reads its own state, so all stay differentiable."""
         return torch.stack([functional_call(self._net, s, (x,)) for s in self._states])
+
+    def one_with_bn_gap(self, j: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`one` and client ``j``'s BatchNorm-statistics gap on ``x``, from the same pass."""
+        return with_bn_gap(self._net, lambda: self.one(j, x))
+
+    def all_with_bn_gap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`all` and each model's BatchNorm-statistics gap on ``x``, (K,)."""
+        pairs = [
+            with_bn_gap(self._net, lambda s=s: functional_call(self._net, s, (x,)))
+            for s in self._states
+        ]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 Teachers = StackedModels | ReloadingModels

@@ -14,6 +14,7 @@ from fedftg.settings import (
     Check,
     Settings,
     at_least,
+    below,
     setting,
 )
 
@@ -78,9 +79,33 @@ class DistillConfig(Settings):
     bn_stats: str = _distill_field(
         "generated",
         "the student's BatchNorm statistics after the step: generated "
-        "(re-estimated on generated samples, authors) or aggregate (those it came with)",
-        choices=("generated", "aggregate"),
+        "(re-estimated on generated samples, authors), aggregate (those it came with) or "
+        "pooled (beyond the paper: the mixture of the round's teachers' running statistics "
+        "weighted by sample count, whose variance keeps the spread between the clients' "
+        "means that averaging drops; no extra pass)",
+        choices=("generated", "aggregate", "pooled"),
         before="generated",
+    )
+    bn_loss: float = setting(
+        0.0,
+        "beyond the paper, 0 = off: weight W of a BatchNorm-statistics loss on the "
+        "generator (DeepInversion/DENSE): at each teacher BatchNorm layer, the L2 gaps of "
+        "the generated batch's mean and variance to the teacher's running ones, summed "
+        "over layers, each teacher's weighted by its class-level weights on the batch, "
+        "taken from the teacher pass the generator step already runs; it keeps the "
+        "samples in the statistics the clients' data gave; 0 for a model without BatchNorm",
+        check=NON_NEGATIVE,
+        before=0.0,
+    )
+    gen_ema: float = setting(
+        0.0,
+        "beyond the paper, 0 = off: decay D of an exponential moving average of the "
+        "generator's weights and buffers, updated after every generator step, that draws "
+        "the samples the student learns from (the generator itself trains as before); a "
+        "slowly moving sampler against the generator collapsing and the student forgetting "
+        "(DFRD); kept in the server's state",
+        check=below(1),
+        before=0.0,
     )
 
     def resolve(self, num_classes: int) -> None:
