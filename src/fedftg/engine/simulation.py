@@ -78,8 +78,17 @@ class MethodState:
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether every floating-point tensor of a state holds only finite values."""
-    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+    """Whether every floating-point tensor of a state holds only finite values.
+
+    A finite sum proves every element finite (a NaN or Inf makes the sum NaN or Inf) in
+    one read without a boolean copy; only a non-finite sum (or an overflow) needs the
+    elementwise check.
+    """
+    return all(
+        bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())
+        for v in tensors.values()
+        if v.is_floating_point()
+    )
 
 
 NONFINITE_PROBLEMS = (
