@@ -10,8 +10,9 @@ process, one warm-up round then ``--rounds`` timed rounds, run in turn ``--repea
 
 - fedftg: the in-process engine (`MethodRunner`), ``--threads`` torch threads (default 1,
   as pfl and Flower's server; more threads only help on idle cores);
-- fedftg-reference: the same with the simple evaluation of before (`evaluate_reference`,
-  torch's max pool in the CNN): the old path, for the before/after ratio;
+- fedftg-reference: the same on the simple paths of before, for the before/after ratio:
+  `evaluate_reference` with torch's max pool in the CNN, the aggregate as one stack per
+  tensor (`weighted_average_reference`'s form) and the elementwise finiteness check;
 - pfl: pfl-research's FedAvg on its SimulatedBackend (benchmarks/peer/pfl_run.py) under
   ``--pfl-python`` (a Python with `pfl` installed; skipped without one);
 - flower: a plain Flower app (benchmarks/peer/flower_app.py: FedAvg, central evaluation)
@@ -88,6 +89,7 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
     from fedftg.config import RunConfig
     from fedftg.data.sources import Dataset
     from fedftg.engine import simulation
+    from fedftg.methods import aggregation
     from fedftg.models.cnn import MaxPool2x2
 
     sys.path.insert(0, str(PEER))
@@ -127,11 +129,15 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
     ).validate()
     runner = simulation.MethodRunner(simulation.setup_from_dataset(cfg, ds), "fedavg", None)
     evaluate = simulation.evaluate_reference if reference else simulation.evaluate
-    if reference:  # the CNN as before: torch's max pool in evaluation too
+    if reference:  # the paths of before
         body = runner.model.body
-        for i, layer in enumerate(body):
+        for i, layer in enumerate(body):  # torch's max pool in evaluation too
             if isinstance(layer, MaxPool2x2):
                 body[i] = torch.nn.MaxPool2d(2)
+        aggregation.CPU_AVERAGE_BLOCK = 2**62  # one stack per tensor
+        simulation.all_finite = lambda tensors: all(
+            bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point()
+        )
     eval_s: list[float] = []
 
     def timed_evaluate(*a: Any, **k: Any) -> tuple[float, float]:
@@ -206,6 +212,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "median_eval_s": round(statistics.median(evals), 3),
             "eval_share": round(statistics.median(evals) / statistics.median(rounds), 3),
         }
+        if "test_loss" in trials[-1]:  # fedftg's: the old and the new path must agree
+            out[name]["test_acc"] = trials[-1]["test_acc"]
+            out[name]["test_loss"] = trials[-1]["test_loss"]
     if "fedftg" in out:
         base = out["fedftg"]["median_round_s"]
         for name in out:
