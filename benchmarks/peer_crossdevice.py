@@ -21,8 +21,11 @@ process, one warm-up round then ``--rounds`` timed rounds, run in turn ``--repea
   many clients at once as there are cores); skipped when Flower is not installed.
 
 Prints one JSON object: per framework the timed rounds' seconds (``round_s``), the median
-round, the evaluation's median and share of the round, and the ratios of each median round
-to fedftg's (``<name>/fedftg``), with the load average before and after.
+round, the median CPU seconds of a round (user + system of the framework's processes: for
+Flower the ServerApp's and its Ray workers', from /proc, so Linux only), the evaluation's
+median and share of the round, and the ratios of each median round (wall clock and CPU) to
+fedftg's, with the load average before and after. On a busy machine the CPU ratio is the
+steadier one: wall clock then mostly measures the scheduler.
 Usage: python benchmarks/peer_crossdevice.py [--rounds 3] [--repeats 2]
        [--pfl-python /path/to/venv/bin/python] [--frameworks fedftg,pfl,flower,...]
 """
@@ -93,7 +96,7 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
     from fedftg.models.cnn import MaxPool2x2
 
     sys.path.insert(0, str(PEER))
-    from workload import CLASSES, MEAN, STD, images
+    from workload import CLASSES, MEAN, STD, images, tree_cpu_s
 
     torch.set_num_threads(args.threads)
     parts = [images(args.seed, k, args.samples) for k in range(args.clients)]
@@ -147,14 +150,16 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
         return out
 
     simulation.evaluate = timed_evaluate  # the engine looks it up at each round
-    round_s, records = [], []
+    round_s, cpu_s, records = [], [], []
     for _ in range(1 + args.rounds):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), tree_cpu_s()
         records.append(runner.run_round())
         round_s.append(time.perf_counter() - start)
+        cpu_s.append(tree_cpu_s() - cpu)
     return {
         "warmup_s": round_s[0],
         "round_s": round_s[1:],
+        "cpu_s": cpu_s[1:],
         "eval_s": eval_s[1:],
         "test_acc": [r["test_acc"] for r in records],
         "test_loss": [r["test_loss"] for r in records],
@@ -182,7 +187,13 @@ def run_flower(args: argparse.Namespace, fed: Any, tmp: Path) -> dict[str, Any]:
         raise RuntimeError(f"flower wrote no timings:\n{(proc.stdout + proc.stderr)[-3000:]}")
     data = json.loads(out.read_text())
     rounds = [b - a for a, b in zip(data["marks"], data["marks"][1:], strict=False)]
-    return {"warmup_s": rounds[0], "round_s": rounds[1:], "eval_s": data["eval_s"][2:]}
+    cpu = [b - a for a, b in zip(data["cpu_marks"], data["cpu_marks"][1:], strict=False)]
+    return {
+        "warmup_s": rounds[0],
+        "round_s": rounds[1:],
+        "cpu_s": cpu[1:],
+        "eval_s": data["eval_s"][2:],
+    }
 
 
 def _json_tail(proc: subprocess.CompletedProcess, name: str) -> dict[str, Any]:
@@ -205,10 +216,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, trials in runs.items():
         rounds = [s for t in trials for s in t["round_s"]]
+        cpus = [s for t in trials for s in t["cpu_s"]]
         evals = [s for t in trials for s in t["eval_s"]]
         out[name] = {
             "round_s": [round(s, 3) for s in rounds],
             "median_round_s": round(statistics.median(rounds), 3),
+            "median_cpu_s": round(statistics.median(cpus), 3),
             "median_eval_s": round(statistics.median(evals), 3),
             "eval_share": round(statistics.median(evals) / statistics.median(rounds), 3),
         }
@@ -216,10 +229,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             out[name]["test_acc"] = trials[-1]["test_acc"]
             out[name]["test_loss"] = trials[-1]["test_loss"]
     if "fedftg" in out:
-        base = out["fedftg"]["median_round_s"]
+        base, base_cpu = out["fedftg"]["median_round_s"], out["fedftg"]["median_cpu_s"]
         for name in out:
             if name != "fedftg":
                 out[name]["ratio_to_fedftg"] = round(out[name]["median_round_s"] / base, 3)
+                out[name]["cpu_ratio_to_fedftg"] = round(out[name]["median_cpu_s"] / base_cpu, 3)
     return out
 
 

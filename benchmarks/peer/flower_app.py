@@ -6,8 +6,9 @@ trains the re-declared CNN on its partition as Flower's PyTorch template does (m
 per message, SGD, one local epoch); the ServerApp runs FedAvg with central evaluation on
 the test images after each round and writes to ``out`` (JSON): the time at the end of
 each central evaluation (``marks``, the first one before round 1) and each evaluation's
-``eval_s``. Round r's time is marks[r] - marks[r - 1]: the cohort's training, aggregation
-and the evaluation.
+``eval_s``, and the CPU seconds used so far by this process and its descendants (the Ray
+workers that run the clients) at each mark (``cpu_marks``). Round r's time is marks[r] -
+marks[r - 1]: the cohort's training, aggregation and the evaluation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from workload import CNN, client_tensors, test_tensors
+from workload import CNN, client_tensors, test_tensors, tree_cpu_s
 
 client = ClientApp()
 server = ServerApp()
@@ -65,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     x, y = test_tensors(int(cfg["seed"]), int(cfg["test-samples"]))
     model = CNN()
     marks: list[float] = []
+    cpu_marks: list[float] = []  # CPU seconds of this process and its Ray workers
     eval_s: list[float] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -78,6 +80,7 @@ def main(grid: Grid, context: Context) -> None:
                 loss += float(F.cross_entropy(logits, y[s : s + len(logits)], reduction="sum"))
                 correct += int((logits.argmax(1) == y[s : s + len(logits)]).sum())
         marks.append(time.perf_counter())
+        cpu_marks.append(tree_cpu_s())
         eval_s.append(marks[-1] - start)
         return MetricRecord({"accuracy": correct / len(y), "loss": loss / len(y)})
 
@@ -96,5 +99,5 @@ def main(grid: Grid, context: Context) -> None:
     )
     out = str(cfg["out"])
     with open(out + ".tmp", "w") as f:
-        json.dump({"marks": marks, "eval_s": eval_s}, f)
+        json.dump({"marks": marks, "cpu_marks": cpu_marks, "eval_s": eval_s}, f)
     os.replace(out + ".tmp", out)

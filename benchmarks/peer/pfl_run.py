@@ -4,7 +4,7 @@ Run with a Python that has `pfl` (e.g. /work/venvs/<name>/bin/python) by
 benchmarks/peer_crossdevice.py, which passes the workload's sizes. Prints one JSON object:
 ``warmup_s`` (the first central iteration: local training only, as pfl evaluates from the
 second on), then per timed round ``round_s`` (local training of the cohort, aggregation,
-central evaluation) and ``eval_s`` (the central evaluation alone).
+central evaluation), its CPU seconds ``cpu_s`` and ``eval_s`` (the central evaluation).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import CNN, client_tensors, test_tensors  # noqa: E402
+from workload import CNN, client_tensors, test_tensors, tree_cpu_s  # noqa: E402
 
 
 class PflCNN(CNN):
@@ -76,6 +76,7 @@ def main() -> None:
         central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
     )
     marks: list[float] = []
+    cpu_marks: list[float] = []
     eval_s: list[float] = []
 
     class TimedEvaluation(CentralEvaluationCallback):
@@ -91,10 +92,12 @@ def main() -> None:
     class Stopwatch(TrainingProcessCallback):
         def on_train_begin(self, *, model):
             marks.append(time.perf_counter())
+            cpu_marks.append(tree_cpu_s())
             return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             marks.append(time.perf_counter())
+            cpu_marks.append(tree_cpu_s())
             return False, Metrics()
 
     FederatedAveraging().run(
@@ -115,8 +118,9 @@ def main() -> None:
             Stopwatch(),
         ],
     )
-    rounds = list(np.diff(marks))
-    print(json.dumps({"warmup_s": rounds[0], "round_s": rounds[1:], "eval_s": eval_s}))
+    rounds, cpu = list(np.diff(marks)), list(np.diff(cpu_marks))
+    result = {"warmup_s": rounds[0], "round_s": rounds[1:], "cpu_s": cpu[1:], "eval_s": eval_s}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ normalised once per client. Imported by `flower_app.py` and `pfl_run.py`; fedftg
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -61,3 +64,27 @@ def test_tensors(seed: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised test images and labels."""
     x, y = images(seed, -1, samples)
     return normalised(x), torch.from_numpy(y)
+
+
+def tree_cpu_s(root: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` (default: this one) and
+    all its live descendants, from /proc (Linux): Flower's simulation runs its clients in
+    Ray worker processes below the ServerApp's, so this counts them too."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    root = os.getpid() if root is None else root
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += [c for c, pp in parent.items() if pp == pid]
+    return total
