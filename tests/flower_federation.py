@@ -124,10 +124,11 @@ class Federation:
         self.procs.append(proc)
         return proc
 
-    def command(self, run_config: str, nodes: int | None = None) -> list[str]:
-        """The `flwr run` command line of the app with ``run_config``, logs streamed; in
-        simulation over ``nodes`` simulated SuperNodes (default: the federation's)."""
-        cmd = ["flwr", "run", str(APP), CONNECTION, "--run-config", run_config, "--stream"]
+    def command(self, run_config: str, nodes: int | None = None, app: Path = APP) -> list[str]:
+        """The `flwr run` command line of ``app`` (fedftg's) with ``run_config``, logs
+        streamed; in simulation over ``nodes`` simulated SuperNodes (default: the
+        federation's)."""
+        cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", run_config, "--stream"]
         if self.simulation:
             # one CPU per simulated node, as Flower's default of 2 would run them one by one
             size = f"num-supernodes={nodes or self.num_nodes} client-resources-num-cpus=1"
@@ -135,11 +136,11 @@ class Federation:
         return cmd
 
     def run(
-        self, run_config: str, nodes: int | None = None, timeout: float = 400
+        self, run_config: str, nodes: int | None = None, timeout: float = 400, app: Path = APP
     ) -> subprocess.CompletedProcess:
         """`flwr run` to the end of its log stream (its exit status is 0 even when the run
         failed, in flwr 1.42: see `status`)."""
-        cmd = self.command(run_config, nodes)
+        cmd = self.command(run_config, nodes, app)
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def status(self, output: str) -> dict:

@@ -13,6 +13,7 @@ from fedftg.engine.simulation import (
     MethodRunner,
     evaluate,
     evaluate_ensemble,
+    evaluate_reference,
     label_histogram,
     prepare,
 )
@@ -63,6 +64,38 @@ def test_evaluate_matches_a_plain_loop(setup):
         ref_acc = float((logits.argmax(1) == y).float().mean())
         ref_loss = float(torch.nn.functional.cross_entropy(logits, y))
     assert acc == pytest.approx(ref_acc) and loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn-bn"])
+@pytest.mark.parametrize("batch_size", [1000, 300, 97])
+def test_evaluate_equals_the_reference_bit_for_bit(name, batch_size):
+    """The fast evaluation (inference mode, sliced and chunked batches, the CNN's pool)
+    gives the reference's accuracy and loss to the last bit, on CIFAR-10 shapes."""
+    from fedftg.data.batches import DeviceArrays
+    from fedftg.models import build_model
+    from fedftg.models.cnn import MaxPool2x2
+
+    rng = np.random.default_rng(0)
+    data = DeviceArrays(
+        rng.integers(0, 256, (1234, 3, 32, 32), dtype=np.uint8),
+        rng.integers(0, 10, 1234),
+        (0.49, 0.48, 0.45),
+        (0.25, 0.24, 0.26),
+    )
+    torch.manual_seed(1)
+    model = build_model(name, 3, 32, 10)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # spread the logits
+    model.train()
+    reference = build_model(name, 3, 32, 10)
+    reference.load_state_dict(model.state_dict())
+    for i, layer in enumerate(reference.body):  # the reference: torch's own pool
+        if isinstance(layer, MaxPool2x2):
+            reference.body[i] = torch.nn.MaxPool2d(2)
+    got = evaluate(model, data, batch_size)
+    want = evaluate_reference(reference, data, batch_size)
+    assert got == want, (got, want)
+    assert 0.05 < got[0] < 0.5
+    assert model.training  # the mode is restored
 
 
 @pytest.mark.parametrize("method", [*METHODS])

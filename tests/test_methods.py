@@ -291,6 +291,36 @@ def test_weighted_average_weights_and_integer_buffers():
         weighted_average([a, b], [0, 0])
 
 
+@pytest.mark.parametrize("clients", [1, 3, 50])
+def test_weighted_average_equals_one_stack_bit_for_bit(clients):
+    """The CPU's blockwise average (tensors larger than a block, a partial last block)
+    gives exactly the one-stack tensordot of the reference."""
+    from fedftg.methods.aggregation import CPU_AVERAGE_BLOCK, weighted_average_reference
+
+    g = torch.Generator().manual_seed(clients)
+    shapes = {"fc": (512, 100), "conv": (64, 32, 5, 5), "odd": (CPU_AVERAGE_BLOCK * 2 + 7,)}
+    states = [
+        {k: torch.randn(shape, generator=g) * 3 for k, shape in shapes.items()}
+        for _ in range(clients)
+    ]
+    weights = torch.randint(1, 500, (clients,), generator=g).tolist()
+    got, want = weighted_average(states, weights), weighted_average_reference(states, weights)
+    for k, shape in shapes.items():
+        assert got[k].shape == shape
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_all_finite_spots_nan_and_inf_but_not_an_overflowing_sum():
+    from fedftg.engine.simulation import all_finite
+
+    big = torch.full((10,), 3e38)  # finite, but its sum overflows to inf
+    assert all_finite({"w": big, "n": torch.tensor(3)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.ones(100)
+        w[57] = bad
+        assert not all_finite({"a": torch.zeros(3), "w": w})
+
+
 def test_select_clients_fixed_and_bernoulli():
     s1 = select_clients(100, 0.1, "fixed", seed=3, round_idx=5)
     assert len(s1) == 10 and len(set(s1.tolist())) == 10

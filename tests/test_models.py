@@ -89,3 +89,52 @@ def test_generator_gradients_reach_both_embeddings():
     out = g(torch.randn(4, 16), F.one_hot(torch.arange(4), 10).float())
     out.square().mean().backward()
     assert g.embed_z.weight.grad.abs().sum() > 0 and g.embed_y.weight.grad.abs().sum() > 0
+
+
+def _pool_inputs() -> list[torch.Tensor]:
+    """Random maps with exact ties (rounded values, zeros after a ReLU), +-inf and NaN."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(-3, 4, (4, 5, 8, 6), generator=g).float()
+    special = torch.randn(2, 3, 6, 6, generator=g)
+    special[0, 0, 0, 1], special[0, 1, 2, 3], special[1, 2, 5, 5] = float("inf"), -float("inf"), 0.0
+    special[1, 0, 3, 2] = float("nan")
+    relu = torch.relu(torch.randn(3, 32, 32, 32, generator=g))
+    return [ties, special, relu, torch.randn(2, 4, 7, 9, generator=g)]  # the last: odd sides
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_maxpool2x2_equals_maxpool2d_bit_for_bit(grad):
+    from fedftg.models.cnn import MaxPool2x2
+
+    for x in _pool_inputs():
+        with torch.set_grad_enabled(grad):
+            got, want = MaxPool2x2()(x), torch.nn.MaxPool2d(2)(x)
+        assert got.shape == want.shape
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.equal(got.isnan(), want.isnan())
+
+
+def test_maxpool2x2_gradient_goes_to_the_first_maximum_as_maxpool2d():
+    from fedftg.models.cnn import MaxPool2x2
+
+    x = _pool_inputs()[0]  # many exact ties in each window
+    grads = []
+    for pool in (MaxPool2x2(), torch.nn.MaxPool2d(2)):
+        leaf = x.clone().requires_grad_(True)
+        (pool(leaf) * torch.arange(1.0, 1 + 4 * 5 * 4 * 3).view(4, 5, 4, 3)).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn-bn"])
+def test_cnn_logits_equal_those_with_torch_maxpool(name):
+    torch.manual_seed(0)
+    model = build_model(name, 3, 32, 10).eval()
+    plain = build_model(name, 3, 32, 10).eval()
+    plain.load_state_dict(model.state_dict())
+    for i, layer in enumerate(plain.body):
+        if type(layer).__name__ == "MaxPool2x2":
+            plain.body[i] = torch.nn.MaxPool2d(2)
+    x = torch.randn(64, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), plain(x))
