@@ -6,7 +6,8 @@ two ways, interleaved in one invocation:
 
 - before: the old behaviour, torch's defaults (as many threads as usable cores, OpenMP's
   default wait: spin, then sleep), i.e. torch loaded before fedftg chooses anything;
-- after: fedftg's choice (`fedftg.threads`: its share of the cores, passive wait).
+- after: fedftg's choice (`fedftg.threads`: its share of the cores, passive wait when other
+  processes run).
 
 The fair share of a job beside N busy processes on C cores is its time alone times
 (N + 1) / C, and never less than its time alone. Prints one table: seconds, and the

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,29 @@ from benchmark_scripts import load_benchmark
 from fedftg.config import RunConfig, fingerprint
 from fedftg.engine import sweep
 from fedftg.errors import UserError
-from fedftg.threads import ThreadPlan, child_env, plan_threads
+from fedftg.threads import ThreadPlan, child_env, other_running, plan_threads
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def test_quiet_machine_uses_every_usable_core_and_waits_passively():
-    assert plan_threads(8) == ThreadPlan(8, "passive", "cores")
+def test_idle_machine_uses_every_usable_core_and_openmps_own_wait():
+    assert plan_threads(8) == ThreadPlan(8, "default", "cores")
+    assert plan_threads(8, others=0.5) == ThreadPlan(8, "default", "cores")
+
+
+def test_shared_cores_wait_passively():
+    assert plan_threads(8, others=1) == ThreadPlan(8, "passive", "cores")  # a busy neighbour
+    assert plan_threads(8, jobs=2) == ThreadPlan(4, "passive", "cores")  # sweep siblings
+
+
+def test_another_process_running_is_seen_at_once():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert other_running() >= 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 @pytest.mark.parametrize(("cores", "jobs", "threads"), [(8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)])
@@ -33,6 +50,7 @@ def test_omp_num_threads_overrides_the_share_and_the_flag_overrides_both():
     assert plan_threads(8, 2, env=env) == ThreadPlan(3, "passive", "OMP_NUM_THREADS")
     assert plan_threads(8, 2, env={"OMP_NUM_THREADS": "6,2"}).threads == 6  # nested form
     assert plan_threads(8, 2, flag=5, env=env) == ThreadPlan(5, "passive", "flag")
+    assert plan_threads(8, flag=5) == ThreadPlan(5, "default", "flag")
     assert plan_threads(8, env={"OMP_NUM_THREADS": " "}).source == "cores"
 
 
@@ -57,6 +75,8 @@ def test_bad_environment_values_are_user_errors_naming_the_variable(env, name):
 def test_a_child_runs_under_the_plan():
     env = child_env(ThreadPlan(2, "passive", "cores"), {"PATH": "/bin", "OMP_NUM_THREADS": "9"})
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "passive"}
+    env = child_env(ThreadPlan(2, "default", "cores"), {"OMP_WAIT_POLICY": "active"})
+    assert env == {"OMP_NUM_THREADS": "2"}  # OpenMP's own wait: the variable unset
 
 
 def test_threads_are_not_part_of_the_run_identity():
@@ -93,7 +113,7 @@ def _run(args: list[str], out: Path, env: dict[str, str]) -> dict:
 
 
 def test_a_run_records_the_threads_and_wait_policy_in_force(tmp_path):
-    env = _run(["--threads", "1"], tmp_path / "a", {})
+    env = _run(["--threads", "1"], tmp_path / "a", {"OMP_WAIT_POLICY": "passive"})
     assert env["torch_threads"] == 1 and env["omp_wait_policy"] == "passive"
     env = _run([], tmp_path / "b", {"OMP_WAIT_POLICY": "active", "OMP_NUM_THREADS": "1"})
     assert env["torch_threads"] == 1 and env["omp_wait_policy"] == "active"

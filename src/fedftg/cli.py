@@ -236,10 +236,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         shown = [c.to_dict() for c in configs]
         print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
         return 0
-    from fedftg.threads import apply_threads, plan_threads, usable_cores
+    from fedftg.threads import apply_threads, other_running, plan_threads, usable_cores
 
     # before the engine loads torch: OpenMP reads its wait policy once, as torch loads
-    apply_threads(plan_threads(usable_cores(), 1, configs[0].threads, os.environ))
+    plan = plan_threads(usable_cores(), 1, configs[0].threads, os.environ, other_running())
+    apply_threads(plan)
     from fedftg.engine.run import Diverged, Interrupted, run_experiment
 
     verbosity = 0 if ns.quiet else 2 if ns.verbose else 1

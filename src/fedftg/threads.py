@@ -4,7 +4,11 @@ On a shared CPU (a laptop, a cluster node, `fedftg sweep --jobs N`) OpenMP threa
 spin while they wait for each other burn the cores other processes need, and a run slows
 down far beyond its share of the machine. So a run uses the cores it may run on, divided
 between the jobs of a sweep, and its threads wait passively (they sleep instead of
-spinning). ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` and ``--threads`` override the choice.
+spinning) when the cores are shared: beside a sweep's siblings, or when other processes are
+running as the run starts. On an idle machine OpenMP's own wait (spin a while, then sleep) is
+kept, since passive waiting there costs about a quarter of the time of the many small kernels
+of a FedFTG step (benchmarks/README.md, "CPU load"). ``OMP_NUM_THREADS`` /
+``OMP_WAIT_POLICY`` and ``--threads`` override the choice.
 
 The wait policy is read by OpenMP when torch loads, so `apply_threads` must run before the
 first ``import torch`` of the process to change it; what is actually in force is recorded
@@ -16,13 +20,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedftg.errors import UserError
 
 WAIT_POLICIES = ("passive", "active")
-# what a process that never chose (or loaded torch before choosing) reports as its policy
+# OpenMP's own wait (OMP_WAIT_POLICY unset): what an idle machine gets, and what a process
+# that loaded torch before fedftg chose reports
 DEFAULT_POLICY = "default"
 
 
@@ -50,13 +56,34 @@ def _env_threads(value: str) -> int:
     return int(first)
 
 
+def other_running() -> float:
+    """How many other processes are running now: the median of a few readings of the
+    kernel's count of runnable tasks, less this one (Linux); elsewhere the 1-minute load
+    average. A spinning neighbour counts at once, a passing one is out-voted."""
+    try:
+        readings = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                readings.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.005)
+        return float(sorted(readings)[len(readings) // 2])
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def plan_threads(
-    cores: int, jobs: int = 1, flag: int | None = None, env: Mapping[str, str] | None = None
+    cores: int,
+    jobs: int = 1,
+    flag: int | None = None,
+    env: Mapping[str, str] | None = None,
+    others: float = 0.0,
 ) -> ThreadPlan:
     """The thread count and wait policy for a process sharing ``cores`` usable cores with
-    ``jobs - 1`` siblings of its sweep: ``flag`` (``--threads``), else ``OMP_NUM_THREADS``
-    from ``env``, else an equal share of the cores (at least one thread); the wait policy
-    is ``OMP_WAIT_POLICY`` from ``env``, else passive."""
+    ``jobs - 1`` siblings of its sweep and ``others`` other running processes: ``flag``
+    (``--threads``), else ``OMP_NUM_THREADS`` from ``env``, else an equal share of the cores
+    (at least one thread); the wait policy is ``OMP_WAIT_POLICY`` from ``env``, else passive
+    where the cores are shared (siblings, or at least one other running process), else
+    OpenMP's default."""
     env = {} if env is None else env
     if cores < 1 or jobs < 1:
         raise ValueError(f"cores and jobs must be >= 1, got {cores}, {jobs}")
@@ -66,8 +93,10 @@ def plan_threads(
         threads, source = _env_threads(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
         threads, source = max(1, cores // jobs), "cores"
-    policy = env.get("OMP_WAIT_POLICY", "").strip().lower() or "passive"
-    if policy not in WAIT_POLICIES:
+    shared = jobs > 1 or others >= 1
+    policy = env.get("OMP_WAIT_POLICY", "").strip().lower()
+    policy = policy or ("passive" if shared else DEFAULT_POLICY)
+    if policy not in (*WAIT_POLICIES, DEFAULT_POLICY):
         raise UserError(
             f"OMP_WAIT_POLICY: unknown value {env['OMP_WAIT_POLICY']!r}; use passive or active"
         )
@@ -76,7 +105,10 @@ def plan_threads(
 
 def child_env(plan: ThreadPlan, env: Mapping[str, str]) -> dict[str, str]:
     """``env`` for a child process that should run under ``plan`` (a sweep's point)."""
-    return {**env, "OMP_NUM_THREADS": str(plan.threads), "OMP_WAIT_POLICY": plan.wait_policy}
+    out = {**env, "OMP_NUM_THREADS": str(plan.threads), "OMP_WAIT_POLICY": plan.wait_policy}
+    if plan.wait_policy == DEFAULT_POLICY:
+        del out["OMP_WAIT_POLICY"]
+    return out
 
 
 _IN_FORCE: dict[str, str] = {}
@@ -86,7 +118,10 @@ def apply_threads(plan: ThreadPlan) -> None:
     """Put ``plan`` in force in this process: the wait policy when torch is not loaded yet
     (OpenMP reads it once, as torch loads), the thread count in any case."""
     if "torch" not in sys.modules:
-        os.environ["OMP_WAIT_POLICY"] = plan.wait_policy
+        if plan.wait_policy == DEFAULT_POLICY:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = plan.wait_policy
         _IN_FORCE["wait_policy"] = plan.wait_policy
     import torch
 

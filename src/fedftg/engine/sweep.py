@@ -34,7 +34,7 @@ from fedftg.config import (
     nest_dotted,
 )
 from fedftg.errors import UserError
-from fedftg.threads import ThreadPlan, child_env, plan_threads, usable_cores
+from fedftg.threads import ThreadPlan, child_env, other_running, plan_threads, usable_cores
 
 
 def parse_grid(items: list[str] | dict[str, Any]) -> dict[str, list[Any]]:
@@ -94,7 +94,7 @@ def sweep_threads(base: RunConfig, jobs: int) -> ThreadPlan:
     count changes float rounding (a point's tail running alone keeps its share)."""
     if jobs < 1:
         raise UserError(f"jobs: must be >= 1, got {jobs}")
-    return plan_threads(usable_cores(), jobs, base.threads, os.environ)
+    return plan_threads(usable_cores(), jobs, base.threads, os.environ, other_running())
 
 
 def threads_line(base: RunConfig, jobs: int) -> str:
