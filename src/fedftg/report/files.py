@@ -192,8 +192,3 @@ def line_numbers(numbers: list[int]) -> str:
     if not numbers:
         return "no line"
     return ("line " if len(numbers) == 1 else "lines ") + ", ".join(map(str, numbers))
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (broken lines skipped)."""
-    return read_metrics_lines(path)[0]

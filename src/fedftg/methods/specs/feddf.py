@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedftg.methods.specs.ftg import DistillConfig, _distill_field
+from fedftg.methods.specs.ftg import DistillConfig, _distill_field, distill_server
 from fedftg.registry import PluginSpec
 from fedftg.settings import POSITIVE_INT
 
@@ -25,15 +25,7 @@ class FedDFConfig(DistillConfig):
 def _server(s: FedDFConfig, env: PluginEnv) -> FedDFServer:
     from fedftg.methods.feddf import FedDFServer
 
-    return FedDFServer(
-        s,
-        env.num_classes,
-        env.channels,
-        env.image_size,
-        device=env.device,
-        seed=env.seed,
-        precision=env.precision,
-    )
+    return distill_server(FedDFServer, s, env)
 
 
 PLUGIN = PluginSpec(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fedftg.registry import PluginSpec
 from fedftg.settings import (
@@ -17,6 +17,8 @@ from fedftg.settings import (
     below,
     setting,
 )
+
+S = TypeVar("S")  # a server class built by `distill_server`
 
 if TYPE_CHECKING:
     from fedftg.methods.ftg import FTGServer
@@ -142,10 +144,9 @@ class FTGConfig(DistillConfig):
     hard_mining: bool = _distill_field(True, "ablation: false drops the hard-sample term")
 
 
-def _server(s: FTGConfig, env: PluginEnv) -> FTGServer:
-    from fedftg.methods.ftg import FTGServer
-
-    return FTGServer(
+def distill_server(server: type[S], s: DistillConfig, env: PluginEnv) -> S:
+    """A data-free server step (FedFTG's or FedDF's) built for the run's data and device."""
+    return server(
         s,
         env.num_classes,
         env.channels,
@@ -154,6 +155,12 @@ def _server(s: FTGConfig, env: PluginEnv) -> FTGServer:
         seed=env.seed,
         precision=env.precision,
     )
+
+
+def _server(s: FTGConfig, env: PluginEnv) -> FTGServer:
+    from fedftg.methods.ftg import FTGServer
+
+    return distill_server(FTGServer, s, env)
 
 
 PLUGIN = PluginSpec(
