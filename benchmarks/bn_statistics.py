@@ -29,10 +29,12 @@ from torch import nn
 
 from fedftg.config import config_from_dict
 from fedftg.engine.checkpoint import read_checkpoint
+from fedftg.engine.clients import label_histogram
+from fedftg.engine.evaluate import evaluate
 from fedftg.engine.rundir import saved_states
-from fedftg.engine.simulation import Setup, evaluate, label_histogram, prepare, server_plugin
+from fedftg.engine.setup import Setup, prepare, server_plugin
 from fedftg.errors import UserError
-from fedftg.methods.ftg import sample_labels
+from fedftg.plugins.distill import sample_labels
 from fedftg.registry import split_method
 
 

@@ -40,24 +40,14 @@ import torch
 
 from fedftg.config import RunConfig, apply_overrides, nest_dotted
 from fedftg.data.batches import DeviceArrays
-from fedftg.engine.simulation import (
-    MethodRunner,
-    Setup,
-    evaluate,
-    evaluate_ensemble,
-    prepare,
-    server_plugin,
-)
+from fedftg.engine.evaluate import evaluate, evaluate_ensemble
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import Setup, prepare, server_plugin
 from fedftg.errors import UserError
-from fedftg.methods.ftg import (
-    FTGConfig,
-    class_weights,
-    distill_loss,
-    ensemble_target,
-    sample_labels,
-    within_class_distance,
-)
+from fedftg.fl.ensemble import class_weights
 from fedftg.models.stacked import StackedModels, Teachers
+from fedftg.plugins.distill import sample_labels, within_class_distance
+from fedftg.plugins.ftg import FTGSettings, distill_loss, ensemble_target
 from fedftg.report.files import atomic_write
 from fedftg.seeding import torch_rng
 
@@ -77,7 +67,7 @@ def distill_real(
     counts: np.ndarray,
     data: DeviceArrays,
     pool: list[torch.Tensor],
-    cfg: FTGConfig,
+    cfg: FTGSettings,
     round_idx: int,
     iterations: int,
     gen: torch.Generator,

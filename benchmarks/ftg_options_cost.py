@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from fedftg.data.sources import load_dataset
-from fedftg.methods.ftg import FTGConfig, FTGServer
 from fedftg.models import build_model
+from fedftg.plugins.ftg import FTGServer, FTGSettings
 
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -65,7 +65,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, options in VARIANTS.items():
-            cfg = dataclasses.replace(FTGConfig(), **options).validate()
+            cfg = dataclasses.replace(FTGSettings(), **options).validate()
             server = FTGServer(cfg, ds.num_classes, ds.channels, ds.image_size)
             s = copy.deepcopy(student)
             cpu, wall = time.process_time(), time.perf_counter()

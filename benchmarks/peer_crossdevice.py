@@ -91,8 +91,11 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
 
     from fedftg.config import RunConfig
     from fedftg.data.sources import Dataset
-    from fedftg.engine import simulation
-    from fedftg.methods import aggregation
+    from fedftg.engine import evaluate as evaluation
+    from fedftg.engine import server
+    from fedftg.engine.inprocess import MethodRunner
+    from fedftg.engine.setup import setup_from_dataset
+    from fedftg.fl import aggregation
     from fedftg.models.cnn import MaxPool2x2
 
     sys.path.insert(0, str(PEER))
@@ -130,15 +133,15 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
         eval_batch_size=args.eval_batch,
         seed=args.seed,
     ).validate()
-    runner = simulation.MethodRunner(simulation.setup_from_dataset(cfg, ds), "fedavg", None)
-    evaluate = simulation.evaluate_reference if reference else simulation.evaluate
+    runner = MethodRunner(setup_from_dataset(cfg, ds), "fedavg", None)
+    evaluate = evaluation.evaluate_reference if reference else evaluation.evaluate
     if reference:  # the paths of before
         body = runner.model.body
         for i, layer in enumerate(body):  # torch's max pool in evaluation too
             if isinstance(layer, MaxPool2x2):
                 body[i] = torch.nn.MaxPool2d(2)
         aggregation.CPU_AVERAGE_BLOCK = 2**62  # one stack per tensor
-        simulation.all_finite = lambda tensors: all(
+        server.all_finite = lambda tensors: all(
             bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point()
         )
     eval_s: list[float] = []
@@ -149,7 +152,7 @@ def fedftg_rounds(args: argparse.Namespace, reference: bool) -> dict[str, Any]:
         eval_s.append(time.perf_counter() - start)
         return out
 
-    simulation.evaluate = timed_evaluate  # the engine looks it up at each round
+    server.evaluate = timed_evaluate  # the server looks it up at each round
     round_s, cpu_s, records = [], [], []
     for _ in range(1 + args.rounds):
         start, cpu = time.perf_counter(), tree_cpu_s()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from benchmark_scripts import load_benchmark
 from fedftg.config import RunConfig
-from fedftg.engine.simulation import MethodRunner, prepare
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import prepare
 from fedftg.models.stacked import StackedModels
 from fedftg.seeding import torch_rng
 

@@ -12,7 +12,8 @@ import torch
 
 from fedftg.cli import main
 from fedftg.config import RunConfig
-from fedftg.engine.simulation import MethodRunner, prepare
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import prepare
 from fedftg.report.files import MetricsLog, write_json
 
 FAST = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]

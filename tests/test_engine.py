@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from fedftg.config import RunConfig
-from fedftg.engine.simulation import (
-    MethodRunner,
-    evaluate,
-    evaluate_ensemble,
-    evaluate_reference,
-    label_histogram,
-    prepare,
-)
+from fedftg.engine.clients import label_histogram
+from fedftg.engine.evaluate import evaluate, evaluate_ensemble, evaluate_reference
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import prepare
 from fedftg.models.stacked import StackedModels
 
 METHODS = ["fedavg", "fedprox", "scaffold", "feddyn", "moon"]

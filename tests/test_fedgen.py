@@ -11,9 +11,12 @@ import torch
 from torch.func import grad, vmap
 
 from fedftg.errors import UserError
-from fedftg.methods.fedgen import (
+from fedftg.models import build_model
+from fedftg.models.feature_generator import FeatureGenerator, generator_dims
+from fedftg.models.stacked import StackedModels
+from fedftg.plugins.fedgen import (
     ClientCoefficients,
-    FedGenConfig,
+    FedGenSettings,
     build_generator,
     client_coefficients,
     client_loss,
@@ -31,9 +34,6 @@ from fedftg.methods.fedgen import (
     teacher_loss,
     train_generator,
 )
-from fedftg.models import build_model
-from fedftg.models.feature_generator import FeatureGenerator, generator_dims
-from fedftg.models.stacked import StackedModels
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -66,7 +66,7 @@ def test_generator_dims_follow_the_authors_entries():
 def test_generated_features_feed_every_models_classifier(name):
     model = build_model(name, 3, 32, 10)
     d = model.classifier.in_features
-    g = build_generator(FedGenConfig(), "cifar10", 3, 10, d, seed=0)
+    g = build_generator(FedGenSettings(), "cifar10", 3, 10, d, seed=0)
     y = torch.arange(10)
     feats = g(y, g.sample_noise(10, _gen()))
     assert feats.shape == (10, d)
@@ -91,14 +91,14 @@ def test_generator_layers_noise_and_output():
 def test_build_generator_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = build_generator(FedGenConfig(), "mnist", 1, 10, 512, seed=4)
+    a = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=4)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b = build_generator(FedGenConfig(), "mnist", 1, 10, 512, seed=4)
-    c = build_generator(FedGenConfig(), "mnist", 1, 10, 512, seed=5)
+    b = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=4)
+    c = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=5)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not torch.equal(a.out.weight, c.out.weight)
     assert a.noise_dim == 32 and a.hidden[0].out_features == 256
-    sized = build_generator(FedGenConfig(noise_dim=8, hidden_dim=16), "mnist", 1, 10, 512)
+    sized = build_generator(FedGenSettings(noise_dim=8, hidden_dim=16), "mnist", 1, 10, 512)
     assert sized.noise_dim == 8 and sized.hidden[0].out_features == 16
 
 
@@ -173,7 +173,7 @@ def test_generator_loss_combines_the_terms_with_the_authors_coefficients():
     y = torch.tensor([0, 1, 2, 2])
     weights, _ = label_weights(counts)
     sw, sb = _t(rng.normal(size=(4, 6))), _t(rng.normal(size=4))
-    cfg = FedGenConfig(ensemble_alpha=2.0, ensemble_beta=0.5, ensemble_eta=3.0)
+    cfg = FedGenSettings(ensemble_alpha=2.0, ensemble_beta=0.5, ensemble_eta=3.0)
     out = generator_loss(_t(feats), _t(eps), y, hw, hb, weights, cfg, sw, sb)
     # the diversity term by a double loop over all B*B pairs, diagonal included
     pairs = [
@@ -188,13 +188,13 @@ def test_generator_loss_combines_the_terms_with_the_authors_coefficients():
     assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     assert out["student"].item() > 0
     # beta = 0 (the default): the student term is reported but not in the loss
-    off = generator_loss(_t(feats), _t(eps), y, hw, hb, weights, FedGenConfig(), sw, sb)
+    off = generator_loss(_t(feats), _t(eps), y, hw, hb, weights, FedGenSettings(), sw, sb)
     assert off["loss"].item() == pytest.approx((off["teacher"] + off["diversity"]).item())
     with pytest.raises(ValueError, match="student"):
         generator_loss(_t(feats), _t(eps), y, hw, hb, weights, cfg)
 
 
-def _server_run(seed: int, rounds: int, cfg: FedGenConfig):
+def _server_run(seed: int, rounds: int, cfg: FedGenSettings):
     hw, hb, counts = _toy_server()
     torch.manual_seed(0)
     g = FeatureGenerator(4, 6, noise_dim=3, hidden_dim=16)
@@ -205,7 +205,7 @@ def _server_run(seed: int, rounds: int, cfg: FedGenConfig):
 
 
 def test_train_generator_is_deterministic_for_a_seeded_generator():
-    cfg = FedGenConfig(ensemble_lr=1e-2)
+    cfg = FedGenSettings(ensemble_lr=1e-2)
     g1, _, logs1 = _server_run(7, 2, cfg)
     g2, _, logs2 = _server_run(7, 2, cfg)
     g3, _, _ = _server_run(8, 2, cfg)
@@ -216,7 +216,7 @@ def test_train_generator_is_deterministic_for_a_seeded_generator():
 
 
 def test_train_generator_decreases_the_teacher_loss_and_follows_the_schedule():
-    cfg = FedGenConfig(ensemble_lr=1e-2)
+    cfg = FedGenSettings(ensemble_lr=1e-2)
     hw, hb, counts = _toy_server()
     weights, qualified = label_weights(counts)
     probe = _gen(99)
@@ -245,7 +245,7 @@ def test_train_generator_decreases_the_teacher_loss_and_follows_the_schedule():
 
 
 def test_train_generator_draws_only_qualified_labels_and_its_batch_size():
-    cfg = FedGenConfig(ensemble_epochs=5, batch_size=6)
+    cfg = FedGenSettings(ensemble_epochs=5, batch_size=6)
     hw, hb, _ = _toy_server()
     counts = np.array([[4, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 0]])
     seen = []
@@ -263,7 +263,7 @@ def test_train_generator_draws_only_qualified_labels_and_its_batch_size():
 
 
 def test_train_generator_with_a_student_uses_it():
-    cfg = FedGenConfig(ensemble_beta=1.0, ensemble_epochs=5)
+    cfg = FedGenSettings(ensemble_beta=1.0, ensemble_epochs=5)
     hw, hb, counts = _toy_server()
     torch.manual_seed(0)
     g = FeatureGenerator(4, 6, noise_dim=3, hidden_dim=16)
@@ -296,7 +296,7 @@ def test_train_generator_takes_the_heads_of_stacked_client_models():
     hw, hb = stacked.params["classifier.weight"], stacked.params["classifier.bias"]
     assert hw.shape == (2, 10, 512) and hb.shape == (2, 10)
     before = hw.clone()
-    cfg = FedGenConfig(ensemble_epochs=5)
+    cfg = FedGenSettings(ensemble_epochs=5)
     g = build_generator(cfg, "digits", 1, 10, 512)
     counts = np.array([[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 3, 9]])
     log = train_generator(g, generator_optimizer(g, cfg), hw, hb, counts, cfg, 0, 16, _gen())
@@ -321,7 +321,7 @@ def test_generative_schedule_values():
 
 
 def test_client_coefficients_round_zero_early_stop_and_gen_ratio():
-    cfg = FedGenConfig(gen_batch_size=32)
+    cfg = FedGenSettings(gen_batch_size=32)
     assert client_coefficients(cfg, 0, 0, 32) == ClientCoefficients(0.0, 0.0)
     assert not client_coefficients(cfg, 0, 0, 32).active
     c = client_coefficients(cfg, 3, 0, 64)
@@ -333,8 +333,8 @@ def test_client_coefficients_round_zero_early_stop_and_gen_ratio():
     beta1 = client_coefficients(replace(cfg, generative_beta=1.0), 2, 0, 32)
     assert beta1.latent == pytest.approx(0.98**2) and beta1.teacher == pytest.approx(9.604)
     # by default the generated batch is the local batch: gen_ratio 1
-    assert FedGenConfig().generated_batch(50) == 50 and cfg.generated_batch(50) == 32
-    assert client_coefficients(FedGenConfig(), 1, 0, 50).teacher == pytest.approx(9.8)
+    assert FedGenSettings().generated_batch(50) == 50 and cfg.generated_batch(50) == 32
+    assert client_coefficients(FedGenSettings(), 1, 0, 50).teacher == pytest.approx(9.8)
 
 
 def _client_case(seed: int = 0, b: int = 5, bg: int = 4, c: int = 3, d: int = 6):
@@ -433,7 +433,7 @@ def test_prepare_client_inputs_draws_from_its_generator_and_stacks_clients():
 
 
 def test_defaults_validate():
-    cfg = FedGenConfig().validate()
+    cfg = FedGenSettings().validate()
     assert cfg.generator_steps == 50
 
 
@@ -471,7 +471,7 @@ def test_defaults_validate():
 )
 def test_validation_names_the_field(field, value):
     with pytest.raises(UserError, match=f"^{field}:"):
-        replace(FedGenConfig(), **{field: value}).validate()
+        replace(FedGenSettings(), **{field: value}).validate()
 
 
 # ---------------------------------------------------------------- the plug-in, in runs
@@ -486,8 +486,9 @@ import time  # noqa: E402
 
 from fedftg.config import RunConfig  # noqa: E402
 from fedftg.engine.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from fedftg.engine.simulation import MethodRunner, prepare  # noqa: E402
-from fedftg.methods.fedgen import seen_label_counts  # noqa: E402
+from fedftg.engine.inprocess import MethodRunner  # noqa: E402
+from fedftg.engine.setup import prepare  # noqa: E402
+from fedftg.plugins.fedgen import seen_label_counts  # noqa: E402
 
 
 def test_seen_label_counts_by_hand():

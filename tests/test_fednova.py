@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedftg.cli import main
-from fedftg.methods.aggregation import weighted_average
-from fedftg.methods.client import LocalResult
+from fedftg.fl.aggregation import weighted_average
+from fedftg.fl.client import LocalResult
 from fedftg.methods.fednova import FedNova, effective_steps, normalised_average
 
 

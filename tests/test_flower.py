@@ -22,7 +22,8 @@ from fedftg.cli import main  # noqa: E402
 from fedftg.config import RunConfig, load_config_file  # noqa: E402
 from fedftg.data.batches import DeviceArrays  # noqa: E402
 from fedftg.data.sources import load_dataset  # noqa: E402
-from fedftg.engine.simulation import ServerRunner, initial_state  # noqa: E402
+from fedftg.engine.server import ServerRunner  # noqa: E402
+from fedftg.engine.setup import initial_state  # noqa: E402
 from fedftg.flower.common import config_from_run_config, from_record, to_record  # noqa: E402
 from fedftg.flower.server_app import FLOWER_KEYS  # noqa: E402
 from fedftg.flower.strategy import FedFTGStrategy  # noqa: E402

@@ -35,8 +35,11 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fedftg.config import RunConfig  # noqa: E402
 from fedftg.data.batches import DeviceArrays  # noqa: E402
 from fedftg.data.sources import load_dataset  # noqa: E402
-from fedftg.engine.simulation import ServerRunner, initial_state, label_histogram  # noqa: E402
+from fedftg.engine.clients import label_histogram
+from fedftg.engine.server import ServerRunner
+from fedftg.engine.setup import initial_state
 from fedftg.errors import UserError  # noqa: E402
+from fedftg.fl.client import LocalResult
 from fedftg.flower import (  # noqa: E402
     FTGStrategy,
     add_label_histogram,
@@ -44,7 +47,6 @@ from fedftg.flower import (  # noqa: E402
     plugin_settings,
 )
 from fedftg.flower.ftg import HISTOGRAM_KEY  # noqa: E402
-from fedftg.methods.client import LocalResult  # noqa: E402
 from fedftg.models import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

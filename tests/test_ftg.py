@@ -13,18 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedftg.errors import UserError
-from fedftg.methods.feddf import FedDFConfig, FedDFServer
-from fedftg.methods.ftg import (
-    FTGConfig,
+from fedftg.fl.ensemble import class_weights
+from fedftg.plugins.distill import diversity_loss, sample_labels, within_class_distance
+from fedftg.plugins.feddf import FedDFServer, FedDFSettings
+from fedftg.plugins.ftg import (
     FTGServer,
-    class_weights,
+    FTGSettings,
     cls_loss,
     distill_loss,
-    diversity_loss,
     ensemble_target,
     md_loss,
-    sample_labels,
-    within_class_distance,
 )
 
 C = 4
@@ -205,7 +203,7 @@ def _trained_teachers() -> tuple[list[nn.Module], np.ndarray]:
 
 
 def _server(**kw) -> FTGServer:
-    cfg = FTGConfig(iterations=4, student_steps=3, batch_size=16, nz=8, ngf=8, **kw).validate()
+    cfg = FTGSettings(iterations=4, student_steps=3, batch_size=16, nz=8, ngf=8, **kw).validate()
     return FTGServer(cfg, C, 1, 8, seed=0)
 
 
@@ -352,7 +350,7 @@ def test_student_lr_zero_only_re_estimates_batchnorm_statistics():
         for v, w in zip(server.state_dict().values(), _server().state_dict().values(), strict=True)
     )
     with pytest.raises(UserError, match="student_lr"):
-        FTGConfig(student_lr=-0.1).validate()
+        FTGSettings(student_lr=-0.1).validate()
 
 
 @pytest.mark.parametrize("server_cls", ["ftg", "df"])
@@ -366,7 +364,7 @@ def test_bn_stats_aggregate_keeps_the_statistics_and_changes_only_them(server_cl
         if server_cls == "ftg":
             server = _server(bn_stats=mode)
         else:
-            cfg = FedDFConfig(gen_steps=3, student_steps=3, batch_size=16, nz=8, ngf=8)
+            cfg = FedDFSettings(gen_steps=3, student_steps=3, batch_size=16, nz=8, ngf=8)
             server = FedDFServer(replace(cfg, bn_stats=mode).validate(), C, 1, 8, seed=0)
         student = copy.deepcopy(start)
         server.step(student, teachers, counts, 0, _gen(0))
@@ -380,14 +378,14 @@ def test_bn_stats_aggregate_keeps_the_statistics_and_changes_only_them(server_cl
         if "running" in name:
             assert not torch.equal(b_gen[name], v), name
     with pytest.raises(UserError, match="bn_stats"):
-        FTGConfig(bn_stats="real").validate()
+        FTGSettings(bn_stats="real").validate()
 
 
 def test_feddf_moves_student_toward_teacher_average():
     teachers, counts = _trained_teachers()
     torch.manual_seed(9)
     student = Net()
-    cfg = FedDFConfig(gen_steps=10, student_steps=15, batch_size=16, nz=8, ngf=8).validate()
+    cfg = FedDFSettings(gen_steps=10, student_steps=15, batch_size=16, nz=8, ngf=8).validate()
     server = FedDFServer(cfg, C, 1, 8, seed=0)
 
     def kl_to_average() -> float:
@@ -411,7 +409,7 @@ def test_feddf_same_label_diversity_changes_the_generator():
     teachers, counts = _trained_teachers()
     states = []
     for diversity in ("all", "same_label"):
-        cfg = FedDFConfig(
+        cfg = FedDFSettings(
             gen_steps=3, student_steps=1, batch_size=16, nz=8, ngf=8, diversity=diversity
         ).validate()
         server = FedDFServer(cfg, C, 1, 8, seed=0)
@@ -420,4 +418,4 @@ def test_feddf_same_label_diversity_changes_the_generator():
         states.append(server.state_dict())
     assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
     with pytest.raises(UserError, match="diversity"):
-        FedDFConfig(diversity="pairs").validate()
+        FedDFSettings(diversity="pairs").validate()

@@ -16,8 +16,7 @@ from torch import nn
 
 from clirun import run_cli
 from fedftg.config import RunConfig, fingerprint
-from fedftg.methods.feddf import FedDFConfig, FedDFServer
-from fedftg.methods.ftg import EMA, FTGConfig, FTGServer, class_weights, ema_update, sample_labels
+from fedftg.fl.ensemble import class_weights
 from fedftg.models import build_model
 from fedftg.models.bn_stats import (
     bn_gap_recorder,
@@ -26,6 +25,9 @@ from fedftg.models.bn_stats import (
     pooled_statistics,
 )
 from fedftg.models.stacked import ReloadingModels, StackedModels
+from fedftg.plugins.distill import EMA, ema_update, sample_labels
+from fedftg.plugins.feddf import FedDFServer, FedDFSettings
+from fedftg.plugins.ftg import FTGServer, FTGSettings
 
 COUNTS = np.array(
     [
@@ -57,8 +59,8 @@ def _student(name: str = "cnn-bn") -> nn.Module:
 def _server(plugin: str = "ftg", **kw) -> FTGServer:
     common = dict(batch_size=12, nz=8, ngf=8, **kw)
     if plugin == "ftg":
-        return FTGServer(FTGConfig(iterations=3, student_steps=3, **common).validate(), 10, 1, 8)
-    cfg = FedDFConfig(gen_steps=3, student_steps=3, **common).validate()
+        return FTGServer(FTGSettings(iterations=3, student_steps=3, **common).validate(), 10, 1, 8)
+    cfg = FedDFSettings(gen_steps=3, student_steps=3, **common).validate()
     return FedDFServer(cfg, 10, 1, 8)
 
 
@@ -156,9 +158,9 @@ def _one_step_server(plugin: str, gen_lr: float) -> FTGServer:
     (FedDF keeps its cross-entropy) and one student step."""
     quiet = dict(lambda_dis=0.0, gen_steps=1, student_steps=1, gen_lr=gen_lr, bn_loss=2.0)
     if plugin == "ftg":
-        cfg = FTGConfig(iterations=1, lambda_cls=0.0, hard_mining=False, **quiet)
+        cfg = FTGSettings(iterations=1, lambda_cls=0.0, hard_mining=False, **quiet)
         return FTGServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
-    cfg = FedDFConfig(**quiet)
+    cfg = FedDFSettings(**quiet)
     return FedDFServer(replace(cfg, batch_size=12, nz=8, ngf=8).validate(), 10, 1, 8)
 
 
@@ -263,7 +265,7 @@ def test_gen_ema_draws_the_students_samples_only():
     teachers = _clients()
     out = {}
     for decay in (0.0, 0.9):
-        cfg = FTGConfig(iterations=1, student_steps=3, batch_size=12, nz=8, ngf=8, gen_ema=decay)
+        cfg = FTGSettings(iterations=1, student_steps=3, batch_size=12, nz=8, ngf=8, gen_ema=decay)
         server = FTGServer(cfg.validate(), 10, 1, 8)
         student = _student()
         server.step(student, teachers, COUNTS, 0, torch.Generator().manual_seed(0))

@@ -8,14 +8,9 @@ import torch
 from torch import nn
 
 from fedftg.data.batches import DeviceArrays, augment, epoch_batches
-from fedftg.methods.aggregation import select_clients, weighted_average
-from fedftg.methods.client import (
-    ClientMethod,
-    LocalContext,
-    LocalSpec,
-    detached_state,
-    train_local,
-)
+from fedftg.fl.aggregation import weighted_average
+from fedftg.fl.client import ClientMethod, LocalContext, LocalSpec, detached_state, train_local
+from fedftg.fl.selection import select_clients
 from fedftg.methods.feddyn import FedDyn
 from fedftg.methods.fedprox import FedProx
 from fedftg.methods.moon import Moon, moon_contrastive
@@ -295,7 +290,7 @@ def test_weighted_average_weights_and_integer_buffers():
 def test_weighted_average_equals_one_stack_bit_for_bit(clients):
     """The CPU's blockwise average (tensors larger than a block, a partial last block)
     gives exactly the one-stack tensordot of the reference."""
-    from fedftg.methods.aggregation import CPU_AVERAGE_BLOCK, weighted_average_reference
+    from fedftg.fl.aggregation import CPU_AVERAGE_BLOCK, weighted_average_reference
 
     g = torch.Generator().manual_seed(clients)
     shapes = {"fc": (512, 100), "conv": (64, 32, 5, 5), "odd": (CPU_AVERAGE_BLOCK * 2 + 7,)}
@@ -311,7 +306,7 @@ def test_weighted_average_equals_one_stack_bit_for_bit(clients):
 
 
 def test_all_finite_spots_nan_and_inf_but_not_an_overflowing_sum():
-    from fedftg.engine.simulation import all_finite
+    from fedftg.engine.server import all_finite
 
     big = torch.full((10,), 3e38)  # finite, but its sum overflows to inf
     assert all_finite({"w": big, "n": torch.tensor(3)})

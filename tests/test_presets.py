@@ -12,8 +12,8 @@ import torch
 
 from clirun import run_cli as _run
 from fedftg.config import RunConfig, build_config, config_from_dict, fingerprint
-from fedftg.engine.simulation import client_method
-from fedftg.methods.client import LocalContext, LocalSpec, detached_state, train_local
+from fedftg.engine.setup import client_method
+from fedftg.fl.client import LocalContext, LocalSpec, detached_state, train_local
 from fedftg.presets import available, load_preset, preset_runs
 from test_methods import TinyNet
 from test_vectorised import _data

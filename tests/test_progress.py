@@ -13,9 +13,9 @@ import pytest
 from clirun import run_cli as _run
 from fedftg.config import RunConfig
 from fedftg.engine import sweep
+from fedftg.engine.inprocess import MethodRunner
 from fedftg.engine.progress import Reporter
 from fedftg.engine.run import _StopFlag
-from fedftg.engine.simulation import MethodRunner
 
 FAST = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
 FAST += ["--local-steps", "2", "--method", "fedavg"]

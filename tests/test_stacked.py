@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedftg.methods.feddf import FedDFConfig, FedDFServer
-from fedftg.methods.ftg import FTGConfig, FTGServer
 from fedftg.models import build_model
 from fedftg.models.stacked import ReloadingModels, StackedModels, as_teachers
+from fedftg.plugins.feddf import FedDFServer, FedDFSettings
+from fedftg.plugins.ftg import FTGServer, FTGSettings
 
 
 def _clients(name: str, k: int, channels: int, size: int) -> list[torch.nn.Module]:
@@ -80,8 +80,8 @@ def _server_pair(cls, cfg_cls, **kw):
 @pytest.mark.parametrize(
     "cls,cfg_cls,kw,model",
     [
-        (FTGServer, FTGConfig, {"iterations": 3, "student_steps": 3}, "cnn-bn"),
-        (FedDFServer, FedDFConfig, {"gen_steps": 3, "student_steps": 3}, "cnn"),
+        (FTGServer, FTGSettings, {"iterations": 3, "student_steps": 3}, "cnn-bn"),
+        (FedDFServer, FedDFSettings, {"gen_steps": 3, "student_steps": 3}, "cnn"),
     ],
 )
 def test_fast_server_step_equals_reference(cls, cfg_cls, kw, model, float64):
@@ -129,7 +129,7 @@ def test_bf16_server_step_runs_and_differs_from_fp32():
     counts = np.array([[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 5, 5, 0, 0, 0, 0, 0, 0]])
     results = []
     for precision in ("fp32", "bf16"):
-        cfg = FTGConfig(iterations=2, student_steps=2, batch_size=8, nz=8, ngf=8).validate()
+        cfg = FTGSettings(iterations=2, student_steps=2, batch_size=8, nz=8, ngf=8).validate()
         server = FTGServer(cfg, 10, 1, 8, seed=0, precision=precision)
         torch.manual_seed(3)
         student = build_model("cnn", 1, 8, 10)

@@ -12,8 +12,9 @@ from torch import nn
 
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
-from fedftg.engine.simulation import MethodRunner, client_method, prepare
-from fedftg.methods.client import (
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import client_method, prepare
+from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     LocalResult,
@@ -23,7 +24,7 @@ from fedftg.methods.client import (
     detached_state,
     train_local,
 )
-from fedftg.methods.vectorised import train_local_vmap
+from fedftg.fl.vectorised import train_local_vmap
 from fedftg.models import build_model
 from test_methods import TinyNet
 

@@ -37,18 +37,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedftg.config import PRECISIONS, RunConfig
 from fedftg.data.sources import Dataset
-from fedftg.engine.simulation import (
-    MethodRunner,
-    Setup,
-    resolve_device,
-    server_plugin,
-    setup_from_dataset,
-)
+from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.setup import Setup, resolve_device, server_plugin, setup_from_dataset
 from fedftg.errors import UserError
-from fedftg.methods.aggregation import State, weighted_average
-from fedftg.methods.client import detached_state
-from fedftg.methods.ftg import FTGConfig
+from fedftg.fl.aggregation import State, weighted_average
+from fedftg.fl.client import detached_state
 from fedftg.models import MODEL_NAMES
+from fedftg.plugins.ftg import FTGSettings
 from fedftg.seeding import numpy_rng, torch_rng
 
 COMMANDS = ("ftg-step", "round")
@@ -105,7 +100,7 @@ class BenchSettings:
             client_batching="auto" if fast else "sequential",
             seed=self.seed,
         )
-        cfg.ftg = FTGConfig(batch_size=self.batch_size, impl="fast" if fast else "reference")
+        cfg.ftg = FTGSettings(batch_size=self.batch_size, impl="fast" if fast else "reference")
         return cfg.validate()
 
     def validate(self) -> BenchSettings:

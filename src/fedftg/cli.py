@@ -270,7 +270,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def cmd_partition(ns: argparse.Namespace) -> int:
     cfg = _config(ns)  # first: bad settings are reported without loading torch
     from fedftg.data.partition import format_partition_table, partition_stats
-    from fedftg.engine.simulation import prepare
+    from fedftg.engine.setup import prepare
     from fedftg.report.heatmap import save_partition_heatmap
 
     setup = prepare(cfg)

@@ -1,10 +1,11 @@
-"""The registries of client methods and server plug-ins, found in `fedftg.methods`.
+"""The registries of client methods and server plug-ins.
 
-A client method or a server plug-in is a torch-free spec module under
-``fedftg/methods/specs/`` that defines a module-level ``METHOD = MethodSpec(...)`` or
-``PLUGIN = PluginSpec(...)``: its name, a one-line summary, its settings dataclass (a
-`fedftg.settings.Settings`; its section in the config is the spec's name) and its
-factories, which import the implementation (``fedftg/methods/<name>.py``) when called.
+A client method is a torch-free spec module under ``fedftg/methods/specs/`` that defines
+a module-level ``METHOD = MethodSpec(...)``; a server plug-in one under
+``fedftg/plugins/specs/`` with ``PLUGIN = PluginSpec(...)`` (`fedftg.fl.specs`): its name,
+a one-line summary, its settings dataclass (a `fedftg.settings.Settings`; its section in
+the config is the spec's name) and its factories, which import the implementation
+(``fedftg/methods/<name>.py`` or ``fedftg/plugins/<name>.py``) when called.
 Everything else is derived from here: the method names `fedftg run` accepts, the config
 sections, flags and Flower run-config keys, the help text, the report labels and which
 settings a run's fingerprint counts.
@@ -17,78 +18,35 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedftg.errors import UserError
+from fedftg.fl.specs import MethodSpec, PluginSpec
 from fedftg.settings import Settings, fields
 
-if TYPE_CHECKING:
-    from fedftg.config import RunConfig
-    from fedftg.methods.client import ClientMethod
-    from fedftg.methods.plugin import ClientHalf, PluginEnv, ServerPlugin
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A client method: local objective term, client/server state, aggregation rule.
-
-    ``build(settings, cfg)`` makes the method from its settings (None when it has none) and
-    the run's config (for the shared local-training settings such as ``lr``).
-    """
-
-    name: str
-    summary: str
-    build: Callable[[Settings | None, RunConfig], ClientMethod]
-    settings: type[Settings] | None = None
-    order: int = 100
-
-
-@dataclass(frozen=True)
-class PluginSpec:
-    """A server plug-in, run after aggregation each round, with an optional client half.
-
-    ``server(settings, env)`` makes the server side (`fedftg.methods.plugin.ServerPlugin`).
-    ``client(settings, env)``, when given, makes the client half
-    (`fedftg.methods.plugin.ClientHalf`): the server side then also provides
-    ``client_payload(round)``, sent to the round's clients, and the half turns it into a
-    term of the client's local loss. ``alias`` names the plug-in on FedAvg (``fedftg``).
-    ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
-    directory gets a figure of generated samples. ``fine_tunes``: the server step changes
-    the aggregate (so the engine measures the accuracy before it); False for a plug-in that
-    only trains state of its own (FedGen's generator).
-    """
-
-    name: str
-    summary: str
-    settings: type[Settings]
-    server: Callable[[Settings, PluginEnv], ServerPlugin]
-    client: Callable[[Settings, PluginEnv], ClientHalf] | None = None
-    alias: str | None = None
-    samples: bool = False
-    fine_tunes: bool = True
-    order: int = 100
-
+__all__ = ["MethodSpec", "PluginSpec"]  # re-exported: what a spec module builds
 
 _METHODS: dict[str, MethodSpec] = {}
 _PLUGINS: dict[str, PluginSpec] = {}
 
 
 def _discover() -> None:
-    """Import every module of `fedftg.methods.specs` once and collect their specs."""
+    """Import every module of `fedftg.methods.specs` and `fedftg.plugins.specs` once and
+    collect their specs."""
     if _METHODS or _PLUGINS:
         return
-    import fedftg.methods.specs as package
+    import fedftg.methods.specs as method_specs
+    import fedftg.plugins.specs as plugin_specs
 
     found_methods: list[MethodSpec] = []
     found_plugins: list[PluginSpec] = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        if isinstance(getattr(module, "METHOD", None), MethodSpec):
-            found_methods.append(module.METHOD)
-        if isinstance(getattr(module, "PLUGIN", None), PluginSpec):
-            found_plugins.append(module.PLUGIN)
+    for package in (method_specs, plugin_specs):
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            if isinstance(getattr(module, "METHOD", None), MethodSpec):
+                found_methods.append(module.METHOD)
+            if isinstance(getattr(module, "PLUGIN", None), PluginSpec):
+                found_plugins.append(module.PLUGIN)
     seen: set[str] = set()
     for spec in [*found_methods, *found_plugins]:
         names = {spec.name} | ({spec.alias} if getattr(spec, "alias", None) else set())

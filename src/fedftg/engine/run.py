@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedftg.config import RunConfig
+from fedftg.engine.inprocess import MethodRunner
 from fedftg.engine.progress import Reporter
 from fedftg.engine.rundir import RunDir
-from fedftg.engine.simulation import MethodRunner, prepare
+from fedftg.engine.setup import prepare
 from fedftg.errors import UserError
 
 

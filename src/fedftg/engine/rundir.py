@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import fedftg
@@ -61,9 +62,9 @@ from fedftg.engine.checkpoint import (
     save_checkpoint,
 )
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
-from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
+from fedftg.engine.server import ServerRunner
 from fedftg.errors import UserError
-from fedftg.methods.ftg import within_class_distance
+from fedftg.plugins.distill import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
     atomic_write,
@@ -678,3 +679,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def denormalise(x: torch.Tensor, ds: Dataset) -> np.ndarray:
+    """Normalised images back to [0, 1] pixels for display."""
+    mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1).detach().cpu().numpy()
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    d = Path(out)
+    return {
+        "dir": d,
+        "config": d / "config.json",
+        "metrics": d / "metrics.jsonl",
+        "summary": d / "summary.json",
+        "curves": d / "curves.png",
+        "partition": d / "partition.png",
+    }

@@ -20,16 +20,10 @@ from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
 from fedftg.engine.checkpoint import config_fingerprint
-from fedftg.engine.simulation import (
-    client_half,
-    client_method,
-    label_histogram,
-    local_spec,
-    plugin_term,
-    resolve_device,
-    split_clients,
-)
+from fedftg.engine.clients import client_task, label_histogram, local_spec, train_clients
+from fedftg.engine.setup import client_half, client_method, resolve_device, split_clients
 from fedftg.errors import UserError
+from fedftg.fl.client import LocalContext
 from fedftg.flower.common import (
     CLIENT_STATE_KEY,
     config_from_json,
@@ -37,9 +31,7 @@ from fedftg.flower.common import (
     report_user_errors,
     to_record,
 )
-from fedftg.methods.client import LocalContext, train_local
 from fedftg.models import build_model
-from fedftg.seeding import torch_rng
 
 log = logging.getLogger("flwr")
 
@@ -147,16 +139,16 @@ def _train(msg: Message, context: Context) -> Message:
         server_state=from_record(msg.content["server"], device),
         num_clients=cfg.clients,
     )
-    gen = torch_rng(cfg.seed, "local", t, pid, device=device)
     spec = local_spec(cfg, ds, t)
-    term = None
+    half, payload = None, {}
     if "plugin" in msg.content:  # a plug-in with a client half (FedGen): its loss term
         half = client_half(cfg, str(msg.content["config"]["plugin"]), ds, device)
         payload = from_record(msg.content["plugin"], device)
-        labels = data.train.y[data.indices]
-        classes = ds.num_classes
-        term = plugin_term(half, model, payload, labels, classes, cfg, t, pid, spec)  # type: ignore[arg-type]
-    result = train_local(model, data.train, data.indices, method, ctx, spec, gen, term)
+    labels = data.train.y[data.indices]
+    task = client_task(
+        cfg, ds.num_classes, model, half, payload, labels, data.indices, ctx, t, pid, spec
+    )
+    (result,) = train_clients(model, data.train, method, [task], spec)
     context.state[state_key] = to_record(ctx.client_state)
     metrics = MetricRecord(
         {

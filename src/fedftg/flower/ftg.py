@@ -35,10 +35,11 @@ from torch import nn
 
 from fedftg import registry
 from fedftg.config import RunConfig, apply_overrides, canonical_key
-from fedftg.engine.simulation import plugin_step, resolve_device
+from fedftg.engine.server import plugin_step
+from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
+from fedftg.fl.plugin import PluginEnv
 from fedftg.flower.common import to_record
-from fedftg.methods.plugin import PluginEnv
 from fedftg.models.stacked import StackedModels
 from fedftg.settings import Settings, validate_section
 
@@ -61,8 +62,8 @@ def plugin_settings(
 ) -> Settings:
     """Validated settings of server plug-in ``plugin``, as `fedftg run` checks them.
 
-    ``settings`` is the plug-in's settings object (`fedftg.methods.ftg.FTGConfig`,
-    `fedftg.methods.feddf.FedDFConfig`), or a mapping of setting names in any form the CLI
+    ``settings`` is the plug-in's settings object (`fedftg.flower.FTGSettings`,
+    `fedftg.flower.FedDFSettings`), or a mapping of setting names in any form the CLI
     or a Flower run config accepts (``iterations``, ``ftg-iterations``, ``ftg.gen_lr``),
     or None for the defaults. Unknown names and bad values are `UserError`s.
     """

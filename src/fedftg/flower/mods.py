@@ -5,7 +5,7 @@ teachers per class and set the classes the generator draws). `label_histogram_mo
 Flower mod that adds them to every successful train reply; `add_label_histogram` does the
 same from inside a ClientApp's train function. With ``epsilon > 0`` the counts are released
 through the Laplace mechanism exactly as ``fedftg run --histogram-epsilon`` does
-(`fedftg.engine.simulation.label_histogram`): the noise is drawn once per client from
+(`fedftg.engine.clients.label_histogram`): the noise is drawn once per client from
 ``(seed, client)``, so repeated uploads reveal nothing more than the first. Keep that seed
 on the clients: a server that knows it can subtract the noise.
 """
@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedftg.engine.simulation import label_histogram
+from fedftg.engine.clients import label_histogram
 from fedftg.errors import UserError
 from fedftg.flower.ftg import HISTOGRAM_KEY
 

@@ -25,7 +25,8 @@ from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
 from fedftg.engine.run import ON_DIVERGENCE, Diverged, divergence, format_table, plugin_gains
 from fedftg.engine.rundir import FLOWER_HINTS, RunDir
-from fedftg.engine.simulation import ServerRunner, initial_state, resolve_device, split_clients
+from fedftg.engine.server import ServerRunner
+from fedftg.engine.setup import initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
 from fedftg.flower.common import config_from_run_config, report_user_errors, to_record
 from fedftg.flower.strategy import FedFTGStrategy

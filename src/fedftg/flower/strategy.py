@@ -19,10 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedftg.engine.simulation import NONFINITE_PROBLEMS, ServerRunner, upload_problem
+from fedftg.engine.server import NONFINITE_PROBLEMS, ServerRunner, upload_problem
+from fedftg.fl.client import LocalResult
+from fedftg.fl.selection import select_clients
 from fedftg.flower.common import config_to_json, from_record, to_record
-from fedftg.methods.aggregation import select_clients
-from fedftg.methods.client import LocalResult
 
 log = logging.getLogger("flwr")
 

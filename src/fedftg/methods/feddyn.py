@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedftg.methods.aggregation import State
-from fedftg.methods.client import (
+from fedftg.fl.aggregation import State
+from fedftg.fl.client import (
     LocalContext,
     LocalResult,
     ParameterStateMethod,

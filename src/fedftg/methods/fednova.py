@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fedftg.methods.aggregation import State, weighted_average
-from fedftg.methods.client import ClientMethod, LocalResult
+from fedftg.fl.aggregation import State, weighted_average
+from fedftg.fl.client import ClientMethod, LocalResult
 
 
 def effective_steps(steps: int, momentum: float = 0.0) -> float:

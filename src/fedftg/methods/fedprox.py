@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from fedftg.methods.client import (
+from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     LocalSpec,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.client import (
+from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     Tensors,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.specs.fedgen import GENERATOR_NOISE, GENERATOR_OUTPUTS
+from fedftg.plugins.specs.fedgen import GENERATOR_NOISE, GENERATOR_OUTPUTS
 
 # (hidden_dim, noise_dim) of the authors' GENERATORCONFIGS entries (utils/model_config.py):
 # 'mnist' (256, 32 latent, 1 channel, 10 classes, noise 32), 'cifar' (512, 32, 3, 10, 64).

@@ -55,7 +55,7 @@ COLLAPSE_RATIO = 0.1
 
 def spread_note(spread: float | None, real: float | None, dataset: str) -> str:
     """The line under a sample grid: the images' within-class spread against real images'
-    (`fedftg.methods.ftg.within_class_distance`), and in words when it has collapsed."""
+    (`fedftg.plugins.ftg.within_class_distance`), and in words when it has collapsed."""
     if spread is None:
         return "within-class spread: not measured (one image per class)"
     text = f"within-class spread {spread:.3f}"

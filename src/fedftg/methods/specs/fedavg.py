@@ -1,18 +1,18 @@
-"""FedAvg's spec (`fedftg.methods.client.ClientMethod` is FedAvg: no term, the plain average)."""
+"""FedAvg's spec (`fedftg.fl.client.ClientMethod` is FedAvg: no term, the plain average)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedftg.registry import MethodSpec
+from fedftg.fl.specs import MethodSpec
 
 if TYPE_CHECKING:
     from fedftg.config import RunConfig
-    from fedftg.methods.client import ClientMethod
+    from fedftg.fl.client import ClientMethod
 
 
 def _build(settings: None, cfg: RunConfig) -> ClientMethod:
-    from fedftg.methods.client import ClientMethod
+    from fedftg.fl.client import ClientMethod
 
     return ClientMethod()
 

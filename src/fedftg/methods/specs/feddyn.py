@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedftg.registry import MethodSpec
+from fedftg.fl.specs import MethodSpec
 from fedftg.settings import POSITIVE, Settings, setting
 
 if TYPE_CHECKING:
     from fedftg.config import RunConfig
-    from fedftg.methods.client import ClientMethod
+    from fedftg.fl.client import ClientMethod
 
 
 @dataclass

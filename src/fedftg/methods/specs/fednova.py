@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedftg.registry import MethodSpec
+from fedftg.fl.specs import MethodSpec
 
 if TYPE_CHECKING:
     from fedftg.config import RunConfig
-    from fedftg.methods.client import ClientMethod
+    from fedftg.fl.client import ClientMethod
 
 
 def _build(settings: None, cfg: RunConfig) -> ClientMethod:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedftg.registry import MethodSpec
+from fedftg.fl.specs import MethodSpec
 from fedftg.settings import POSITIVE, Settings, setting
 
 if TYPE_CHECKING:
     from fedftg.config import RunConfig
-    from fedftg.methods.client import ClientMethod
+    from fedftg.fl.client import ClientMethod
 
 SCAFFOLD_REFERENCES = ("aggregate", "sent")
 # what c_k's update divides the local progress by: the round's decayed learning rate, or the

@@ -26,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.client import LocalSpec, Term
-from fedftg.methods.ftg import diversity_loss
-from fedftg.methods.plugin import PluginEnv
-from fedftg.methods.specs.fedgen import FedGenConfig
+from fedftg.fl.client import LocalSpec, Term
+from fedftg.fl.plugin import PluginEnv
 from fedftg.models import build_model
 from fedftg.models.feature_generator import (
     FeatureGenerator,
     generator_dims,
 )
 from fedftg.models.stacked import Teachers
+from fedftg.plugins.distill import diversity_loss
+from fedftg.plugins.specs.fedgen import FedGenSettings
 from fedftg.precision import upcast
 from fedftg.seeding import derive_seed
 
@@ -43,7 +43,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 def build_generator(
-    cfg: FedGenConfig,
+    cfg: FedGenSettings,
     dataset: str,
     channels: int,
     num_classes: int,
@@ -66,7 +66,7 @@ def build_generator(
         )
 
 
-def generator_optimizer(generator: FeatureGenerator, cfg: FedGenConfig) -> torch.optim.Adam:
+def generator_optimizer(generator: FeatureGenerator, cfg: FedGenSettings) -> torch.optim.Adam:
     """The generator's Adam, created once and kept across rounds (its moments persist)."""
     return torch.optim.Adam(
         generator.parameters(),
@@ -154,7 +154,7 @@ def generator_loss(
     heads_weight: torch.Tensor,
     heads_bias: torch.Tensor,
     weights: torch.Tensor,
-    cfg: FedGenConfig,
+    cfg: FedGenSettings,
     student_weight: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
 ) -> Tensors:
@@ -189,7 +189,7 @@ def train_generator(
     heads_weight: torch.Tensor,
     heads_bias: torch.Tensor,
     counts: np.ndarray | torch.Tensor,
-    cfg: FedGenConfig,
+    cfg: FedGenSettings,
     round_idx: int,
     batch_size: int,
     gen: torch.Generator,
@@ -276,7 +276,7 @@ def generative_schedule(init: float, decay: float, floor: float, round_idx: int)
 
 
 def client_coefficients(
-    cfg: FedGenConfig, round_idx: int, local_epoch: int, batch_size: int
+    cfg: FedGenSettings, round_idx: int, local_epoch: int, batch_size: int
 ) -> ClientCoefficients:
     """The coefficients at local epoch ``local_epoch`` (0-based) of round ``round_idx``.
 
@@ -398,7 +398,7 @@ def seen_label_counts(
     return counts * (local_steps * batch_size / held)
 
 
-def new_generator(cfg: FedGenConfig, env: PluginEnv) -> FeatureGenerator:
+def new_generator(cfg: FedGenSettings, env: PluginEnv) -> FeatureGenerator:
     """The run's round-0 generator, sized for the model's representation, on its device."""
     template = build_model(env.model, env.channels, env.image_size, env.num_classes)
     dim = template.classifier.in_features
@@ -414,7 +414,7 @@ class FedGenServer:
     clients' uploads so far persist across rounds and are checkpointed.
     """
 
-    def __init__(self, cfg: FedGenConfig, env: PluginEnv) -> None:
+    def __init__(self, cfg: FedGenSettings, env: PluginEnv) -> None:
         self.cfg, self.env = cfg, env
         self.generator = new_generator(cfg, env)
         self.optimizer = generator_optimizer(self.generator, cfg)
@@ -477,7 +477,7 @@ class FedGenServer:
 class FedGenClient:
     """FedGen's client half: the generator from the round's payload regularises the head."""
 
-    def __init__(self, cfg: FedGenConfig, env: PluginEnv) -> None:
+    def __init__(self, cfg: FedGenSettings, env: PluginEnv) -> None:
         self.cfg, self.env = cfg, env
         self.generator = new_generator(cfg, env).eval()
 

@@ -1,12 +1,11 @@
-"""FedFTG's and FedDF's shared server-step settings, FedFTG's settings and spec
-(implementation: `fedftg.methods.ftg`)."""
+"""The settings FedFTG's and FedDF's data-free server steps share (not a plug-in itself:
+`fedftg.plugins.specs.ftg` and `fedftg.plugins.specs.feddf` extend them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from fedftg.registry import PluginSpec
 from fedftg.settings import (
     NON_NEGATIVE,
     POSITIVE,
@@ -18,67 +17,66 @@ from fedftg.settings import (
     setting,
 )
 
+if TYPE_CHECKING:
+    from fedftg.fl.plugin import PluginEnv
+
 S = TypeVar("S")  # a server class built by `distill_server`
 
-if TYPE_CHECKING:
-    from fedftg.methods.ftg import FTGServer
-    from fedftg.methods.plugin import PluginEnv
 
-
-def _distill_field(default, help_text, **meta):
+def distill_setting(default, help_text, **meta):
     """A setting of the data-free server steps; they existed in the first run directories,
     so they are fingerprinted whatever the run's methods (`fedftg.settings`)."""
     return setting(default, help_text, always_hashed=True, **meta)
 
 
 @dataclass
-class DistillConfig(Settings):
+class DistillSettings(Settings):
     """Settings shared by the data-free server steps (FedFTG and FedDF)."""
 
-    gen_steps: int = _distill_field(
+    gen_steps: int = distill_setting(
         1,
         "generator steps I_g per iteration (one Adam step per client each)",
         check=at_least(0, integer=True),
     )
-    student_steps: int = _distill_field(5, "student steps I_d per iteration", check=POSITIVE_INT)
-    batch_size: int = _distill_field(
+    student_steps: int = distill_setting(5, "student steps I_d per iteration", check=POSITIVE_INT)
+    batch_size: int = distill_setting(
         50,
         "synthetic batch B",
         check=Check(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (BatchNorm)"),
     )
-    nz: int | None = _distill_field(
+    nz: int | None = distill_setting(
         None,
         "generator noise size; by default it follows the dataset, as the authors': 100 for "
         "up to 10 classes (CIFAR-10), 256 for more (CIFAR-100)",
         check=POSITIVE_INT,
         optional=True,
     )
-    ngf: int = _distill_field(64, "generator width", check=POSITIVE_INT)
-    gen_lr: float = _distill_field(0.01, "generator Adam learning rate", check=POSITIVE)
-    student_lr: float = _distill_field(
+    ngf: int = distill_setting(64, "generator width", check=POSITIVE_INT)
+    gen_lr: float = distill_setting(0.01, "generator Adam learning rate", check=POSITIVE)
+    student_lr: float = distill_setting(
         0.1,
         "student SGD learning rate (0: keep the weights, only re-estimate BatchNorm "
         "statistics on generated samples, a control)",
         check=NON_NEGATIVE,
     )
-    lr_decay: float = _distill_field(
+    lr_decay: float = distill_setting(
         0.998, "per-round decay of both learning rates", check=POSITIVE
     )
-    student_weight_decay: float = _distill_field(1e-3, "student weight decay", check=NON_NEGATIVE)
-    lambda_dis: float = _distill_field(1.0, "diversity weight", check=NON_NEGATIVE)
-    temperature: float = _distill_field(1.0, "distillation temperature", check=POSITIVE)
-    diversity: str = _distill_field(
+    student_weight_decay: float = distill_setting(1e-3, "student weight decay", check=NON_NEGATIVE)
+    lambda_dis: float = distill_setting(1.0, "diversity weight", check=NON_NEGATIVE)
+    temperature: float = distill_setting(1.0, "distillation temperature", check=POSITIVE)
+    diversity: str = distill_setting(
         "all",
         "pairs the diversity term counts: all B x B (authors) or same_label",
         choices=("all", "same_label"),
         before="all",
     )
-    impl: str = _distill_field(
+    impl: str = distill_setting(
         "fast",
         "fast, or reference: the authors' loop structure (same results, slower)",
         choices=("fast", "reference"),
     )
-    bn_stats: str = _distill_field(
+    bn_stats: str = distill_setting(
         "generated",
         "the student's BatchNorm statistics after the step: generated "
         "(re-estimated on generated samples, authors), aggregate (those it came with) or "
@@ -120,31 +118,7 @@ def default_nz(num_classes: int) -> int:
     return 100 if num_classes <= 10 else 256
 
 
-@dataclass
-class FTGConfig(DistillConfig):
-    """FedFTG server settings; defaults are the authors' (CIFAR-10 setting)."""
-
-    iterations: int = _distill_field(
-        10, "generator/student iterations I per round", check=POSITIVE_INT
-    )
-    lambda_cls: float = _distill_field(1.0, "fidelity weight", check=NON_NEGATIVE)
-    md_distance: str = _distill_field(
-        "l1", "hard-sample gap: l1 on logits (authors) or kl", choices=("l1", "kl")
-    )
-    label_sampling: str = _distill_field(
-        "customized",
-        "ablation: uniform labels instead of the clients' class mix",
-        choices=("customized", "uniform"),
-    )
-    ensemble: str = _distill_field(
-        "class",
-        "ablation: uniform teacher average instead of class-level weights",
-        choices=("class", "uniform"),
-    )
-    hard_mining: bool = _distill_field(True, "ablation: false drops the hard-sample term")
-
-
-def distill_server(server: type[S], s: DistillConfig, env: PluginEnv) -> S:
+def distill_server(server: type[S], s: DistillSettings, env: PluginEnv) -> S:
     """A data-free server step (FedFTG's or FedDF's) built for the run's data and device."""
     return server(
         s,
@@ -155,20 +129,3 @@ def distill_server(server: type[S], s: DistillConfig, env: PluginEnv) -> S:
         seed=env.seed,
         precision=env.precision,
     )
-
-
-def _server(s: FTGConfig, env: PluginEnv) -> FTGServer:
-    from fedftg.methods.ftg import FTGServer
-
-    return distill_server(FTGServer, s, env)
-
-
-PLUGIN = PluginSpec(
-    name="ftg",
-    summary="FedFTG: fine-tune the aggregate by data-free distillation on hard generated samples",
-    settings=FTGConfig,
-    server=_server,
-    alias="fedftg",
-    samples=True,
-    order=10,
-)

@@ -8,7 +8,7 @@ histograms; its state (a generator, say) persists across rounds through
 Client half (optional, declared by `fedftg.registry.PluginSpec.client`): each round the
 server side's `WithClientHalf.client_payload` is sent to the selected clients (in-process,
 or in the Flower message); on each client `ClientHalf.term` turns it into a
-`fedftg.methods.client.Term` that is added to the client method's own loss term, in the
+`fedftg.fl.client.Term` that is added to the client method's own loss term, in the
 sequential and in the vectorised local-training paths alike.
 
 Capabilities beyond these are declared on the spec (``samples``), never probed.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedftg.methods.client import LocalSpec, Tensors, Term
+from fedftg.fl.client import LocalSpec, Tensors, Term
 from fedftg.models.stacked import Teachers
 
 

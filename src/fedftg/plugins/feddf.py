@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.ftg import FTGServer, sample_labels
-from fedftg.methods.specs.feddf import FedDFConfig
 from fedftg.models.stacked import Teachers
+from fedftg.plugins.distill import GeneratorDistiller, sample_labels
+from fedftg.plugins.specs.feddf import FedDFSettings
 from fedftg.precision import upcast
 
 
@@ -28,10 +28,10 @@ def kl_distill_loss(
     return F.kl_div(log_s, target, reduction="batchmean") * temperature**2
 
 
-class FedDFServer(FTGServer):
-    """Server step of the FedDF baseline; shares the generator and its state with FedFTG."""
+class FedDFServer(GeneratorDistiller):
+    """Server step of the FedDF baseline, on the generator machinery it shares with FedFTG."""
 
-    cfg: FedDFConfig
+    cfg: FedDFSettings
 
     def _fine_tune(
         self,

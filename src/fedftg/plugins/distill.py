@@ -1,10 +1,10 @@
-"""FedFTG's server step: data-free fine-tuning of the aggregated model (Zhang et al. 2022).
+"""What FedFTG's and FedDF's data-free server steps share: the conditional generator that
+persists across rounds (and its moving average), label and noise draws, the diversity
+term, the collapse measure, and the handling of the student's BatchNorm statistics.
 
-After aggregation, a conditional generator G(z, y) is trained to produce *hard* samples,
-on which the global model (student) disagrees most with the participating clients'
-ensemble (teacher) while staying classifiable by each client (fidelity) and diverse; the
-student is then distilled from the class-level weighted ensemble on those samples. The
-maths is in pure functions below; `FTGServer` runs the authors' schedule with them.
+Each step subclasses `GeneratorDistiller` and writes its own `_fine_tune` (how the
+generator and the student are trained); the maths shared by both are the pure functions
+below.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.methods.specs.ftg import FTGConfig
 from fedftg.models.bn_stats import load_pooled_statistics
 from fedftg.models.generator import ConditionalGenerator
 from fedftg.models.stacked import Teachers, as_teachers
-from fedftg.precision import autocast, upcast
+from fedftg.plugins.specs.distill import DistillSettings
+from fedftg.precision import autocast
 from fedftg.seeding import derive_seed
 
 # ----------------------------------------------------------------------- pure maths
@@ -63,57 +63,6 @@ def sample_labels(
     return labels[perm].view(iterations, batch_size)
 
 
-def class_weights(counts: np.ndarray | torch.Tensor, mode: str = "class") -> torch.Tensor:
-    """Teacher weights alpha_k^c, shape (K, C).
-
-    class (the paper's class-level ensemble): alpha_k^c = n_k^c / (n^c + 1e-6), so for a
-    class c the clients that hold it share the vote by their amount of c and a client
-    without c has no say. uniform (the ablation): 1/K everywhere.
-    """
-    n = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
-    if mode == "uniform":
-        return torch.full_like(n, 1.0 / n.shape[0])
-    if mode != "class":
-        raise ValueError(f"unknown ensemble {mode!r}")
-    return n / (n.sum(dim=0, keepdim=True) + 1e-6)
-
-
-def md_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    sample_weights: torch.Tensor,
-    distance: str = "l1",
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Hard-sample mining term: minus the weighted student-teacher gap (teacher detached).
-
-    Minimising it pushes the generator toward samples where the student disagrees with the
-    teacher. l1 (authors' code): -mean_b(w_b * mean_c |s - t|). kl (an option, as in
-    third-party re-implementations): -mean_b(w_b * T^2 * KL(softmax(t/T) || softmax(s/T))).
-    """
-    t = teacher_logits.detach()
-    if distance == "l1":
-        gap = (student_logits - t).abs().mean(dim=1)
-    elif distance == "kl":
-        log_s = F.log_softmax(student_logits / temperature, dim=1)
-        log_t = F.log_softmax(t / temperature, dim=1)
-        gap = (log_t.exp() * (log_t - log_s)).sum(dim=1) * temperature**2
-    else:
-        raise ValueError(f"unknown md distance {distance!r}")
-    return -(sample_weights * gap).mean()
-
-
-def cls_loss(
-    teacher_logits: torch.Tensor, labels: torch.Tensor, sample_weights: torch.Tensor
-) -> torch.Tensor:
-    """Fidelity term: the teacher should classify G(z, y) as y.
-
-    The authors multiply the batch-mean cross-entropy by the per-sample weights and then
-    average, which equals CE * mean(w); that is what is computed here.
-    """
-    return F.cross_entropy(teacher_logits, labels) * sample_weights.mean()
-
-
 def diversity_loss(
     z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -136,16 +85,6 @@ def diversity_loss(
     if not bool(same.any()):
         return (dz * dx).sum() * 0.0 + 1.0
     return torch.exp(-(dz * dx)[same].mean())
-
-
-def ensemble_target(teacher_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Teacher distribution p_b = sum_k w_kb softmax(t_k(x_b)); logits (K,B,C), weights (K,B)."""
-    return (weights.unsqueeze(-1) * F.softmax(teacher_logits, dim=-1)).sum(dim=0)
-
-
-def distill_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy averaged over batch AND classes (the authors' scaling, CE / C)."""
-    return -(target * F.log_softmax(student_logits, dim=1)).mean()
 
 
 def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -178,7 +117,7 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
             a.copy_(b)
 
 
-# ---------------------------------------------------------------------- the server step
+# ----------------------------------------------------------- the shared server step
 
 
 EMA = "ema."  # the prefix of the generator's moving average in a server's state
@@ -204,8 +143,10 @@ def kept_buffers(model: nn.Module, keep: bool) -> Iterator[None]:
                 b.copy_(v)
 
 
-class FTGServer:
-    """Runs FedFTG's server step each round; owns the generator, which persists.
+class GeneratorDistiller:
+    """A data-free server step built on a conditional generator, which persists across
+    rounds: FedFTG's (`fedftg.plugins.ftg.FTGServer`) and FedDF's
+    (`fedftg.plugins.feddf.FedDFServer`) subclass it and write `_fine_tune`.
 
     ``cfg.impl`` picks the implementation of the same maths: "fast" holds the teachers as
     one stacked copy, evaluates them in one batched call, skips the student's weight
@@ -218,7 +159,7 @@ class FTGServer:
 
     def __init__(
         self,
-        cfg: FTGConfig,
+        cfg: DistillSettings,
         num_classes: int,
         channels: int,
         image_size: int,
@@ -319,101 +260,8 @@ class FTGServer:
         round_idx: int,
         generator: torch.Generator,
     ) -> dict[str, float]:
-        """FedFTG's server step proper (see `step`)."""
-        cfg, dev = self.cfg, self.device
-        fast = cfg.impl == "fast"
-        nets = self._teachers(teachers)
-        k = len(nets)
-        decay = cfg.lr_decay**round_idx
-        opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=cfg.gen_lr * decay, betas=(0.9, 0.999)
-        )
-        opt_s = torch.optim.SGD(
-            student.parameters(),
-            lr=cfg.student_lr * decay,
-            momentum=0.0,
-            weight_decay=cfg.student_weight_decay,
-        )
-        counts_t = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
-        alpha = class_weights(counts_t, cfg.ensemble).to(dev)  # (K, C)
-        labels = sample_labels(
-            counts_t.sum(0).numpy(), cfg.iterations, cfg.batch_size, generator, cfg.label_sampling
-        ).to(dev)
-        sums = dict.fromkeys(("loss_md", "loss_cls", "loss_dis", "loss_gen", "loss_distill"), 0.0)
-        bn_on = cfg.bn_loss > 0
-        if bn_on:
-            sums["loss_bn"] = 0.0
-        n_gen = 0
-        grad_flags = [p.requires_grad for p in student.parameters()]
-        for it in range(cfg.iterations):
-            y = labels[it]
-            z = torch.randn(
-                cfg.batch_size, cfg.nz, generator=generator, device=generator.device
-            ).to(dev)
-            onehot = self._onehot(y)
-            w = alpha[:, y]  # (K, B): teacher k's weight on each sample
-            # generator: one Adam step per participating client, in turn
-            student.eval()
-            if fast:
-                student.requires_grad_(False)
-            self.generator.train()
-            for _ in range(cfg.gen_steps):
-                for j in range(k):
-                    with self._autocast():
-                        x = self.generator(z, onehot)
-                        if bn_on:
-                            t, gap = nets.one_with_bn_gap(j, x)
-                            t = upcast(t)
-                        else:
-                            t = upcast(nets.one(j, x))
-                        s = upcast(student(x))
-                    x = upcast(x)
-                    l_md = (
-                        md_loss(s, t, w[j], cfg.md_distance, cfg.temperature)
-                        if cfg.hard_mining
-                        else x.new_zeros(())
-                    )
-                    l_cls = cls_loss(t, y, w[j])
-                    l_dis = self._diversity(z, x, y)
-                    loss = l_md + cfg.lambda_cls * l_cls + cfg.lambda_dis * l_dis / k
-                    if bn_on:
-                        l_bn = gap * w[j].mean()  # by its class-level weights, as l_cls
-                        loss = loss + cfg.bn_loss * l_bn
-                        sums["loss_bn"] += float(l_bn.detach())
-                    opt_g.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt_g.step()
-                    self._generator_stepped()
-                    n_gen += 1
-                    sums["loss_md"] += float(l_md.detach())
-                    sums["loss_cls"] += float(l_cls.detach())
-                    sums["loss_dis"] += float(l_dis.detach())
-                    sums["loss_gen"] += float(loss.detach())
-            for p, flag in zip(student.parameters(), grad_flags, strict=True):
-                p.requires_grad_(flag)
-            # student: distil the weighted teacher ensemble on G's samples
-            self.generator.eval()
-            sampler = self.sampler().eval()
-            student.train()
-            for d in range(cfg.student_steps):
-                if d == 0 or not fast:
-                    with torch.no_grad(), self._autocast():
-                        x = sampler(z, onehot)
-                        target = ensemble_target(upcast(nets.all(x)), w)
-                with self._autocast():
-                    s = upcast(student(x))
-                loss = distill_loss(s, target)
-                opt_s.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_s.step()
-                sums["loss_distill"] += float(loss.detach())
-        student.eval()
-        out = {key: v / max(n_gen, 1) for key, v in sums.items() if key != "loss_distill"}
-        out["loss_distill"] = sums["loss_distill"] / (cfg.iterations * cfg.student_steps)
-        spread = within_class_distance(x, y)
-        if spread is not None:
-            out["sample_spread"] = spread
-        return out
+        """The step proper: train the generator, then the student from it (see `step`)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def generate(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

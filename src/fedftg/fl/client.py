@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedftg.data.batches import DeviceArrays, augment, epoch_batches, step_batches
-from fedftg.methods.aggregation import State, weighted_average
+from fedftg.fl.aggregation import State, weighted_average
 from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 

@@ -1,6 +1,6 @@
 """Local training of several clients at once, vectorised across clients with `torch.func.vmap`.
 
-`train_local_vmap` does what `fedftg.methods.client.train_local` does for each client, but
+`train_local_vmap` does what `fedftg.fl.client.train_local` does for each client, but
 holds the clients' parameters, buffers, momentum buffers and method-term inputs stacked
 along a leading client dimension and runs each step as one vmapped forward
 (`functional_call` on a weightless template) and one backward. Clipping and SGD (weight
@@ -28,7 +28,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from fedftg.data.batches import DeviceArrays, augment
-from fedftg.methods.client import (
+from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     LocalResult,

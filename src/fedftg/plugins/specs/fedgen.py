@@ -1,4 +1,4 @@
-"""FedGen's settings and spec (implementation: `fedftg.methods.fedgen`)."""
+"""FedGen's settings and spec (implementation: `fedftg.plugins.fedgen`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedftg.errors import UserError
-from fedftg.registry import PluginSpec
+from fedftg.fl.specs import PluginSpec
 from fedftg.settings import (
     NON_NEGATIVE,
     POSITIVE,
@@ -17,8 +17,8 @@ from fedftg.settings import (
 )
 
 if TYPE_CHECKING:
-    from fedftg.methods.fedgen import FedGenClient, FedGenServer
-    from fedftg.methods.plugin import PluginEnv
+    from fedftg.fl.plugin import PluginEnv
+    from fedftg.plugins.fedgen import FedGenClient, FedGenServer
 
 # the generator's noise distribution and output layer (`fedftg.models.feature_generator`)
 GENERATOR_NOISE = ("uniform", "normal")
@@ -33,7 +33,7 @@ _OPTIONAL_INT = at_least(1, integer=True)
 
 
 @dataclass
-class FedGenConfig(Settings):
+class FedGenSettings(Settings):
     """FedGen settings; defaults are the authors' (RUNCONFIGS['mnist'], main.py, serverbase)."""
 
     # server: generator training, once per round
@@ -133,14 +133,14 @@ class FedGenConfig(Settings):
         return (self.ensemble_epochs // self.n_teacher_iters) * self.n_teacher_iters
 
 
-def _server(s: FedGenConfig, env: PluginEnv) -> FedGenServer:
-    from fedftg.methods.fedgen import FedGenServer
+def _server(s: FedGenSettings, env: PluginEnv) -> FedGenServer:
+    from fedftg.plugins.fedgen import FedGenServer
 
     return FedGenServer(s, env)
 
 
-def _client(s: FedGenConfig, env: PluginEnv) -> FedGenClient:
-    from fedftg.methods.fedgen import FedGenClient
+def _client(s: FedGenSettings, env: PluginEnv) -> FedGenClient:
+    from fedftg.plugins.fedgen import FedGenClient
 
     return FedGenClient(s, env)
 
@@ -148,7 +148,7 @@ def _client(s: FedGenConfig, env: PluginEnv) -> FedGenClient:
 PLUGIN = PluginSpec(
     name="fedgen",
     summary="FedGen: a server-trained feature generator regularises the clients' heads",
-    settings=FedGenConfig,
+    settings=FedGenSettings,
     server=_server,
     client=_client,
     alias="fedgen",

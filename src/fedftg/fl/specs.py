@@ -1,0 +1,60 @@
+"""What the registry knows of a client method or a server plug-in (torch-free).
+
+A spec module (``fedftg/methods/specs/<name>.py`` or ``fedftg/plugins/specs/<name>.py``)
+defines one module-level ``METHOD = MethodSpec(...)`` or ``PLUGIN = PluginSpec(...)``;
+`fedftg.registry` collects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedftg.settings import Settings
+
+if TYPE_CHECKING:
+    from fedftg.config import RunConfig
+    from fedftg.fl.client import ClientMethod
+    from fedftg.fl.plugin import ClientHalf, PluginEnv, ServerPlugin
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A client method: local objective term, client/server state, aggregation rule.
+
+    ``build(settings, cfg)`` makes the method from its settings (None when it has none) and
+    the run's config (for the shared local-training settings such as ``lr``).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[Settings | None, RunConfig], ClientMethod]
+    settings: type[Settings] | None = None
+    order: int = 100
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A server plug-in, run after aggregation each round, with an optional client half.
+
+    ``server(settings, env)`` makes the server side (`fedftg.fl.plugin.ServerPlugin`).
+    ``client(settings, env)``, when given, makes the client half
+    (`fedftg.fl.plugin.ClientHalf`): the server side then also provides
+    ``client_payload(round)``, sent to the round's clients, and the half turns it into a
+    term of the client's local loss. ``alias`` names the plug-in on FedAvg (``fedftg``).
+    ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
+    directory gets a figure of generated samples. ``fine_tunes``: the server step changes
+    the aggregate (so the engine measures the accuracy before it); False for a plug-in that
+    only trains state of its own (FedGen's generator).
+    """
+
+    name: str
+    summary: str
+    settings: type[Settings]
+    server: Callable[[Settings, PluginEnv], ServerPlugin]
+    client: Callable[[Settings, PluginEnv], ClientHalf] | None = None
+    alias: str | None = None
+    samples: bool = False
+    fine_tunes: bool = True
+    order: int = 100
