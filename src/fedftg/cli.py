@@ -29,6 +29,7 @@ from fedftg.config import (
     nest_dotted,
 )
 from fedftg.errors import UserError
+from fedftg.legacy import flat_name
 from fedftg.settings import fields
 
 EXIT_USAGE = 2
@@ -103,8 +104,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kinds = typing.get_type_hints(cls)
         for f, m in fields(cls):
             flags = [f"--{section}-" + f.name.replace("_", "-")]
-            if m.legacy_key and m.legacy_key.replace("_", "-") != flags[0][2:]:
-                flags.append("--" + m.legacy_key.replace("_", "-"))
+            old = flat_name(section, f.name)
+            if old and old.replace("_", "-") != flags[0][2:]:
+                flags.append("--" + old.replace("_", "-"))
             shown = f" [{_shown(getattr(defaults.sections[section], f.name))}]"
             _flag(sub, f"{section}.{f.name}", flags, kinds[f.name], (m.help + shown).strip())
 

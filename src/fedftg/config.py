@@ -5,7 +5,8 @@ training, bookkeeping) as fields, and one section per client method or server pl
 has settings of its own (`fedftg.registry.sections`): ``cfg.fedprox.mu``,
 ``cfg.ftg.iterations``. In TOML they are ``[fedprox]`` / ``[ftg]`` tables, on the command line
 ``--fedprox-mu`` / ``--ftg-iterations``, in Flower's run config ``fedprox-mu``. The names
-settings had before they moved into sections (``prox_mu``, ``--prox-mu``) keep working.
+settings had before they moved into sections (``prox_mu``, ``--prox-mu``) keep working
+(`fedftg.legacy` holds every format kept for older versions).
 
 Every setting is declared with its help, check and history (`fedftg.settings`); from those
 come validation (one `UserError` naming the field), the CLI flags and the run fingerprint
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import sys
 import types
 import typing
@@ -30,9 +29,9 @@ from fedftg.data.partition import SCHEMES
 from fedftg.data.sources import NAMES as DATASETS
 from fedftg.data.sources import dataset_classes
 from fedftg.errors import UserError
+from fedftg.legacy import digest, fill_before, flat_names
 from fedftg.models import MODEL_NAMES
 from fedftg.settings import (
-    MISSING,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -292,16 +291,6 @@ def core_fields() -> list[tuple[dataclasses.Field, Meta]]:
 # Names of settings
 
 
-def _legacy_keys() -> dict[str, str]:
-    """Flat names of settings that moved into sections: ``{"prox_mu": "fedprox.mu"}``."""
-    return {
-        m.legacy_key: f"{section}.{f.name}"
-        for section, cls in registry.sections().items()
-        for f, m in fields(cls)
-        if m.legacy_key
-    }
-
-
 def canonical_key(key: str) -> str:
     """A setting's canonical name: ``ftg-gen-lr``, ``ftg_gen_lr`` and ``ftg.gen_lr`` all
     name FedFTG's generator learning rate, ``prox-mu`` and ``fedprox-mu`` FedProx's mu (the
@@ -312,9 +301,9 @@ def canonical_key(key: str) -> str:
         return f"{section}.{name}"
     if norm in _core_types():
         return norm
-    legacy = _legacy_keys()
-    if norm in legacy:
-        return legacy[norm]
+    flat = flat_names()
+    if norm in flat:
+        return flat[norm]
     for section, cls in registry.sections().items():
         name = norm.removeprefix(section + "_")
         if name != norm and name in _field_types(cls):
@@ -523,18 +512,11 @@ def build_config(
     return cfg.resolve()
 
 
-def _saved(values: dict[str, Any]) -> RunConfig:
+def read_saved(values: dict[str, Any]) -> RunConfig:
     """A config from a saved dict, unvalidated: settings it lacks (it was written before
-    they existed) take the value that reproduces the behaviour of that time (``before``),
-    the others their defaults."""
-    cfg = RunConfig()
-    for f, m in core_fields():
-        if m.before is not MISSING:
-            setattr(cfg, f.name, m.before)
-    for s in cfg.sections.values():
-        for f, m in fields(s):
-            if m.before is not MISSING:
-                setattr(s, f.name, m.before)
+    they existed) take the value that reproduces the behaviour of that time
+    (`fedftg.legacy.fill_before`), the others their defaults."""
+    cfg = fill_before(RunConfig())
     apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
     return cfg.resolve()
 
@@ -542,13 +524,13 @@ def _saved(values: dict[str, Any]) -> RunConfig:
 def saved_settings(values: dict[str, Any]) -> dict[str, Any]:
     """Every setting of a saved config dict, flat (``ftg.gen_lr``), as `config_from_dict`
     reads them (a setting the dict lacks has its ``before`` value)."""
-    return flatten_sections(_saved(values).to_dict())
+    return flatten_sections(read_saved(values).to_dict())
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Rebuild a validated config from `RunConfig.to_dict` output (e.g. a saved config.json,
     today's or one written by an older version)."""
-    return _saved(values).validate()
+    return read_saved(values).validate()
 
 
 def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
@@ -560,7 +542,7 @@ def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     reads it (a setting it lacks has its ``before`` value), so a run written before a
     setting existed matches a new run exactly when the new run keeps the old behaviour.
     """
-    cfg = _saved(values)
+    cfg = read_saved(values)
     kept: dict[str, Any] = {}
     for f, m in core_fields():
         if not (m.resumable or f.name in ignore):
@@ -570,44 +552,13 @@ def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
             key = f"{section}.{f.name}"
             if key not in ignore and any(reads_setting(meth, key) for meth in cfg.method):
                 kept[key] = getattr(s, f.name)
-    return _digest(kept)
-
-
-def legacy_fingerprint(values: dict[str, Any]) -> str:
-    """The hash the checkpoints of fedftg before the settings registry carry, kept to
-    recognise them: every setting of the first version counted whatever the methods
-    (``always_hashed``), under its flat name (``legacy_key``), a setting added later only
-    away from its ``before`` value and when a method reads it."""
-    cfg = _saved(values)
-    kept: dict[str, Any] = {}
-    for f, m in core_fields():
-        value = getattr(cfg, f.name)
-        if not (m.resumable or (m.before is not MISSING and value == m.before)):
-            kept[f.name] = value
-    for section, s in cfg.sections.items():
-        for f, m in fields(s):
-            value = getattr(s, f.name)
-            if m.before is not MISSING and value == m.before:
-                continue
-            if not m.always_hashed and not any(
-                reads_setting(meth, f"{section}.{f.name}") for meth in cfg.method
-            ):
-                continue
-            if m.legacy_key:
-                kept[m.legacy_key] = value
-            else:
-                kept.setdefault(section, {})[f.name] = value
-    return _digest(kept)
-
-
-def _digest(kept: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(kept)
 
 
 def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The canonical names of the fingerprinted settings whose values differ between two
     config dicts (for a message that says what changed)."""
-    ca, cb = _saved(a), _saved(b)
+    ca, cb = read_saved(a), read_saved(b)
     flat_a, flat_b = flatten_sections(ca.to_dict()), flatten_sections(cb.to_dict())
     out = []
     for key, value in flat_a.items():
@@ -634,6 +585,5 @@ __all__ = [
     "check_given",
     "config_from_dict",
     "fingerprint",
-    "legacy_fingerprint",
     "load_config_file",
 ]

@@ -63,6 +63,7 @@ from fedftg.engine.checkpoint import (
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
 from fedftg.errors import UserError
+from fedftg.legacy import round_candidates, rows_covered
 from fedftg.methods.ftg import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
@@ -403,8 +404,7 @@ class RunDir:
         this run's (None if they differ). Checkpoints record it; older ones through their
         config.json or, failing that, by matching at this run's rounds."""
         now = self.cfg.to_dict()
-        candidates = [saved.get("rounds"), (saved_config or {}).get("rounds"), self.cfg.rounds]
-        for rounds in dict.fromkeys(r for r in candidates if isinstance(r, int)):
+        for rounds in round_candidates(saved, saved_config, self.cfg.rounds):
             if checkpoint_matches(saved, {**now, "rounds": rounds}, saved_config):
                 return rounds
         return None
@@ -645,17 +645,7 @@ def restore_metrics(
                 f"({line_numbers(broken)} broken)"
             )
     else:
-        covered = {name: done["rounds"] for name, done in saved["done"].items()}
-        for name, state in saved_states(saved).items():
-            covered[name] = max(covered.get(name, 0), int(state["round"]))
-        kept = [r for r in rows if r.get("round", 0) <= covered.get(r.get("method"), 0)]
-        have_rounds = {(r.get("method"), r.get("round")) for r in kept}
-        lost = [
-            {"method": name, "round": n}
-            for name, last in covered.items()
-            for n in range(1, last + 1)
-            if (name, n) not in have_rounds
-        ]
+        kept, lost = rows_covered(saved, saved_states(saved), rows)
         if lost:
             warn(
                 f"{path}: no row for {_row_names(lost)} ({line_numbers(broken)} broken), "
