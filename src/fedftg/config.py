@@ -476,9 +476,11 @@ def given_keys(values: dict[str, Any]) -> list[str]:
     return list(flatten_sections({k: v for k, v in values.items() if k != "grid"}))
 
 
-def check_given(cfg: RunConfig, keys: list[str]) -> None:
+def check_given(cfg: RunConfig, keys: list[str], methods: list[str] | None = None) -> None:
     """A section setting the user set away from its default while no method of the run
-    reads it is a `UserError` (``--fedprox-mu 0.1 --method fedavg`` is a mistake)."""
+    (or of ``methods``: a preset's runs together) reads it is a `UserError`
+    (``--fedprox-mu 0.1 --method fedavg`` is a mistake)."""
+    methods = cfg.method if methods is None else methods
     defaults = RunConfig()
     for key in keys:
         if not method_specific(key):
@@ -487,37 +489,72 @@ def check_given(cfg: RunConfig, keys: list[str]) -> None:
         value = getattr(cfg.sections[section], name)
         if value == getattr(defaults.sections[section], name):
             continue
-        if not any(reads_setting(m, key) for m in cfg.method):
+        if not any(reads_setting(m, key) for m in methods):
             raise UserError(
                 f"{key}: set to {value!r}, but no method of this run reads it "
-                f"(method: {','.join(cfg.method)})"
+                f"(method: {','.join(methods)})"
             )
+
+
+@dataclass(frozen=True)
+class Source:
+    """One layer of settings: ``values`` in TOML shape or flat (any name `canonical_key`
+    accepts), ``where`` they come from (the prefix of their errors: ``"c.toml: "``), and
+    whether they are the user's own choices (``given``), which `check_given` holds to the
+    run's methods; a preset's tables and a saved config.json are not."""
+
+    values: dict[str, Any]
+    where: str = ""
+    given: bool = True
+
+
+def file_source(path: str | Path, values: dict[str, Any] | None = None) -> Source:
+    """The TOML file ``path`` as a source (``values``: its contents, when already read)."""
+    return Source(load_config_file(path) if values is None else values, f"{path}: ")
+
+
+def layered(sources: list[Source], base: RunConfig | None = None) -> tuple[RunConfig, list[str]]:
+    """``base`` (default: the defaults; not modified) with ``sources`` applied in order,
+    each over the ones before, unvalidated; and the names of the settings the given
+    sources set. The one way settings are built from their sources (`settings_from`)."""
+    cfg = RunConfig() if base is None else base.copy()
+    keys: list[str] = []
+    for source in sources:
+        apply_overrides(cfg, source.values, where=source.where)
+        if source.given:
+            keys += given_keys(source.values)
+    return cfg, keys
+
+
+def finish(cfg: RunConfig, keys: list[str], methods: list[str] | None = None) -> RunConfig:
+    """A layered config made ready to run: validated, the given settings ``keys`` held to
+    the run's methods (or ``methods``, `check_given`), data-dependent defaults resolved."""
+    cfg.validate()
+    check_given(cfg, keys, methods)
+    return cfg.resolve()
+
+
+def settings_from(sources: list[Source], base: RunConfig | None = None) -> RunConfig:
+    """The validated config of ``sources`` over ``base`` (default: the defaults): what
+    `fedftg run` (defaults, preset or TOML file, flags), `fedftg sweep` (the same, then
+    each grid point) and Flower (defaults, run config) each state their sources to."""
+    return finish(*layered(sources, base))
 
 
 def build_config(
     file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
     """Defaults, then the TOML file, then overrides; validated."""
-    cfg = RunConfig()
-    keys: list[str] = []
-    if file is not None:
-        values = load_config_file(file)
-        apply_overrides(cfg, values, where=f"{file}: ")
-        keys += given_keys(values)
-    if overrides:
-        apply_overrides(cfg, overrides)
-        keys += given_keys(overrides)
-    cfg.validate()
-    check_given(cfg, keys)
-    return cfg.resolve()
+    sources = [file_source(file)] if file is not None else []
+    return settings_from([*sources, Source(overrides or {})])
 
 
 def read_saved(values: dict[str, Any]) -> RunConfig:
     """A config from a saved dict, unvalidated: settings it lacks (it was written before
     they existed) take the value that reproduces the behaviour of that time
     (`fedftg.legacy.fill_before`), the others their defaults."""
-    cfg = fill_before(RunConfig())
-    apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
+    settings = {k: v for k, v in values.items() if k not in RECORD_KEYS}
+    cfg, _ = layered([Source(settings, given=False)], fill_before(RunConfig()))
     return cfg.resolve()
 
 
@@ -579,11 +616,14 @@ __all__ = [
     "DATASETS",
     "PRECISIONS",
     "RunConfig",
+    "Source",
     "apply_overrides",
     "build_config",
     "canonical_key",
     "check_given",
     "config_from_dict",
     "fingerprint",
+    "layered",
     "load_config_file",
+    "settings_from",
 ]
