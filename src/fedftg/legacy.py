@@ -21,14 +21,21 @@ names they were written with. Every historical format fedftg still accepts, and 
    config.json, else from matching at the new run's rounds (`round_candidates`).
 5. Checkpoints without ``rows`` (before they held their metric rows): the rows of
    metrics.jsonl they cover are kept, a covered round without a row is reported
-   (`rows_covered`). Checkpoints without ``final`` (before finished methods kept their
-   state) hold no state to extend a finished method from (``saved.get("final")``).
+   (`rows_covered`).
+6. Files older runs wrote and today's do not: ``samples.png`` (before one sample grid per
+   method), removed with the run's other files by ``--fresh`` (`OLD_RUN_FILES`).
+
+Two older forms are met where they are read, as one expression each: a checkpoint without
+``final`` (before finished methods kept their state) has no state to extend a finished
+method from (`fedftg.engine.rundir.saved_states`), and a real folder named ``latest``
+(before timestamped run directories) is left alone (`fedftg.engine.rundir.link_latest`).
 
 Every fingerprint, today's and v0's, is the same `digest` of the kept settings; changing it
 would orphan every run directory.
 
 This module reads declarations (`fedftg.settings`, `fedftg.registry`) and configs handed to
-it; `fedftg.config` and `fedftg.engine.checkpoint` call it, it imports neither.
+it; `fedftg.config`, `fedftg.engine.checkpoint`, `fedftg.engine.rundir` and `fedftg.cli` call
+it, and it imports none of them.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ if TYPE_CHECKING:
     import dataclasses
 
     from fedftg.config import RunConfig
+
+
+OLD_RUN_FILES = ("samples.png",)
 
 
 def digest(kept: dict[str, Any]) -> str:

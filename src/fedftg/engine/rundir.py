@@ -63,7 +63,7 @@ from fedftg.engine.checkpoint import (
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.simulation import ServerRunner, denormalise, output_paths
 from fedftg.errors import UserError
-from fedftg.legacy import round_candidates, rows_covered
+from fedftg.legacy import OLD_RUN_FILES, round_candidates, rows_covered
 from fedftg.methods.ftg import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
@@ -83,15 +83,15 @@ from fedftg.threads import in_force
 
 TIME = "{time}"
 CHECKPOINT = "checkpoint.pt"
-# what a run writes (besides samples_<method>.png and tensorboard/): --fresh removes these;
-# samples.png is written no more (one grid per method), but older run directories hold it
+# what a run writes (besides samples_<method>.png and tensorboard/), and what older runs
+# wrote (`fedftg.legacy.OLD_RUN_FILES`): --fresh removes these
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
     "summary.json",
     "curves.png",
     "partition.png",
-    "samples.png",
+    *OLD_RUN_FILES,
     CHECKPOINT,
     CHECKPOINT + ".prev",
 )
