@@ -10,7 +10,7 @@ import pytest
 
 from clirun import run_cli as _run
 from fedftg.cli import main
-from fedftg.config import RunConfig, build_config, config_from_dict
+from fedftg.config import RunConfig, Source, build_config, config_from_dict, settings_from
 from fedftg.errors import UserError
 
 FAST = ["--rounds", "2", "--clients", "4", "--local-epochs", "1", "--participation", "1"]
@@ -119,6 +119,21 @@ def test_config_file_then_flags_override(tmp_path):
     assert cfg.rounds == 7 and cfg.method == ["scaffold+ftg"] and cfg.alpha == 0.9
     assert cfg.ftg.iterations == 4
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_settings_come_from_their_sources_in_order():
+    first = Source({"alpha": 0.3, "rounds": 4, "ftg": {"iterations": 3}}, "first.toml: ")
+    cfg = settings_from([first, Source({"alpha": "0.7", "method": "fedftg"})])
+    assert (cfg.alpha, cfg.rounds, cfg.ftg.iterations, cfg.method) == (0.7, 4, 3, ["fedftg"])
+    base = RunConfig(rounds=9)
+    assert settings_from([Source({"seed": 2})], base).rounds == 9 and base.seed == 0
+    with pytest.raises(UserError, match=r"^first\.toml: bogus: unknown setting$"):
+        settings_from([Source({"bogus": 1}, "first.toml: ")])
+    # only the user's own sources are held to the run's methods (a preset's table is not)
+    other = {"method": "fedavg", "fedprox": {"mu": 0.5}}
+    assert settings_from([Source(other, given=False)]).fedprox.mu == 0.5
+    with pytest.raises(UserError, match=r"^fedprox\.mu: set to 0\.5, but no method"):
+        settings_from([Source(other)])
 
 
 def test_method_names_and_alias():

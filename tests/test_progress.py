@@ -4,6 +4,7 @@ says where it resumed, a sweep reports each point as it finishes, Ctrl-C is ackn
 from __future__ import annotations
 
 import io
+import json
 import re
 import signal
 import subprocess
@@ -89,7 +90,8 @@ def test_sweep_reports_each_point_as_it_finishes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep.subprocess, "run", fake_run)
     base = RunConfig(out=str(tmp_path / "sw"), method=["fedavg"]).validate()
-    sweep.run_sweep(base, {"seed": ["0", "1"]}, on_point=lambda r: events.append(r["name"]))
+    points = sweep.grid_points(base, {"seed": ["0", "1"]})
+    sweep.run_sweep(base, points, on_point=lambda r: events.append(r["name"]))
     assert events == ["run", "seed=0", "run", "seed=1"]
 
 
@@ -101,6 +103,23 @@ def test_sweep_cli_prints_point_lines(tmp_path, monkeypatch, capsys):
     code, out, _ = _run(capsys, ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "s")])
     assert code == 0 and re.search(r"seed=0\s+done", out) and re.search(r"seed=1\s+done", out)
     assert subprocess is sweep.subprocess
+
+
+def test_a_sweep_builds_its_points_once_into_one_stamped_directory(tmp_path, monkeypatch, capsys):
+    class Done:
+        returncode = 0
+
+    outs, built = [], []
+    real = sweep.grid_points
+    monkeypatch.setattr(sweep, "grid_points", lambda *a: built.append(a) or real(*a))
+    monkeypatch.setattr(
+        sweep.subprocess, "run", lambda cmd, **kw: outs.append(json.loads(cmd[-1])["out"]) or Done()
+    )
+    args = ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "{time}")]
+    code, _, _ = _run(capsys, args)
+    (stamped,) = [p for p in tmp_path.iterdir() if p.name != "latest"]
+    assert code == 0 and len(built) == 1
+    assert outs == [str(stamped / "seed=0"), str(stamped / "seed=1")]
 
 
 def test_verbose_prints_round_lines_even_with_no_progress(tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 tests/fixtures/legacy-v0 holds run directories written by fedftg before the registry (the
 commit 3f29c5a): an interrupted run (its checkpoint after round 2 of scaffold+ftg, fedprox
-done), a finished run and a finished two-point sweep, all with the command in ARGS.
+done), a finished run and a finished two-point sweep, all with the command in ARGS. The
+interrupted run's checkpoint is stored without its tensor values (checkpoint-v0.json: its
+layout, fingerprint and numbers); the `interrupted` fixture fills them in from this code.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from fedftg.config import (
     canonical_key,
     config_from_dict,
     fingerprint,
-    legacy_fingerprint,
+    read_saved,
 )
-from fedftg.engine.checkpoint import checkpoint_matches, read_checkpoint
+from fedftg.engine.checkpoint import checkpoint_matches, read_checkpoint, save_checkpoint
 from fedftg.engine.sweep import grid_points, is_complete
 from fedftg.errors import UserError
 from fedftg.flower.common import config_from_run_config
+from fedftg.legacy import fingerprint_v0
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy-v0"
 LEGACY_ARGS = (LEGACY / "ARGS").read_text().split()
@@ -40,6 +43,46 @@ LEGACY_METHODS = ["--method", "fedprox,scaffold+ftg"]
 TODAY_ARGS = [
     a for i, a in enumerate(LEGACY_ARGS) if "--moon-tau" not in LEGACY_ARGS[i - 1 : i + 1]
 ]
+
+
+def legacy_fingerprint(values: dict) -> str:
+    """The v0 fingerprint of a saved config dict."""
+    return fingerprint_v0(read_saved(values))
+
+
+def _tensor_layout(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{"body.0.bias": "float32 (32,)"}``: the names, dtypes and shapes of a state dict."""
+    return {k: f"{str(t.dtype)[6:]} {tuple(t.shape)}" for k, t in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """The interrupted v0 run directory: config.json and metrics.jsonl as fedftg 3f29c5a
+    wrote them, and checkpoint.pt in its v0 layout (checkpoint-v0.json: no ``rows``,
+    ``final`` or ``rounds``, the old fingerprint and numbers), whose tensors, 6.3 MB that
+    the repository does not keep, come from this code running the same settings to the
+    same point (scaffold+ftg after round 2) and must have v0's names, dtypes and shapes."""
+    root = tmp_path_factory.mktemp("legacy-v0")
+    args = [a for i, a in enumerate(TODAY_ARGS) if "--prox-mu" not in TODAY_ARGS[i - 1 : i + 1]]
+    made = root / "made"
+    flags = ["--method", "scaffold+ftg", "--rounds", "2", "--keep-checkpoint", "--quiet"]
+    assert main(["run", *args, *flags, "--no-progress", "--out", str(made)]) == 0
+    state = read_checkpoint(made / "checkpoint.pt")["final"]["scaffold+ftg"]
+    v0 = json.loads((LEGACY / "interrupted" / "checkpoint-v0.json").read_text())
+    for group, layout in v0["tensors"].items():
+        have = state[group]
+        if group == "client_states":
+            assert {c: _tensor_layout(t) for c, t in have.items()} == layout, group
+        else:
+            assert _tensor_layout(have) == layout, group
+    run = root / "interrupted"
+    shutil.copytree(
+        LEGACY / "interrupted", run, ignore=shutil.ignore_patterns("checkpoint-v0.json")
+    )
+    saved = {key: v0[key] for key in ("fingerprint", "done", "current")}
+    saved["state"] = {**v0["state"], **{group: state[group] for group in v0["tensors"]}}
+    save_checkpoint(run / "checkpoint.pt", saved)
+    return run
 
 
 def _run(capsys, args: list[str]) -> tuple[int, str]:
@@ -182,9 +225,9 @@ def test_fingerprint_counts_only_what_the_run_reads():
 # ---------------------------------------------------------- run directories from before
 
 
-def test_old_checkpoints_match_todays_command():
-    saved = read_checkpoint(LEGACY / "interrupted" / "checkpoint.pt")
-    old_cfg = json.loads((LEGACY / "interrupted" / "config.json").read_text())
+def test_old_checkpoints_match_todays_command(interrupted):
+    saved = read_checkpoint(interrupted / "checkpoint.pt")
+    old_cfg = json.loads((interrupted / "config.json").read_text())
     assert saved["fingerprint"] == legacy_fingerprint(old_cfg)
     with pytest.raises(UserError, match="^moon.tau"):
         build_config(None, _flags_to_overrides([*LEGACY_ARGS, *LEGACY_METHODS]))
@@ -202,9 +245,9 @@ def _flags_to_overrides(args: list[str]) -> dict[str, str]:
     return {flag.removeprefix("--"): value for flag, value in pairs}
 
 
-def test_an_old_interrupted_run_resumes_and_equals_a_whole_run(tmp_path, capsys):
+def test_an_old_interrupted_run_resumes_and_equals_a_whole_run(interrupted, tmp_path, capsys):
     run = tmp_path / "old"
-    shutil.copytree(LEGACY / "interrupted", run)
+    shutil.copytree(interrupted, run)
     before = (run / "metrics.jsonl").read_text().splitlines()
     args = ["run", *TODAY_ARGS, *LEGACY_METHODS, "--no-progress", "--quiet"]
     assert main([*args, "--out", str(run)]) == 0
@@ -238,8 +281,9 @@ def test_old_sweeps_skip_their_finished_points():
     assert [is_complete(cfg) for _, cfg in changed] == [False, False]
 
 
-def test_the_fixture_checkpoint_is_what_the_test_assumes():
-    saved = read_checkpoint(LEGACY / "interrupted" / "checkpoint.pt")
+def test_the_fixture_checkpoint_is_what_the_test_assumes(interrupted):
+    saved = read_checkpoint(interrupted / "checkpoint.pt")
+    assert sorted(saved) == ["current", "done", "fingerprint", "state"]  # v0's keys only
     assert saved["current"] == "scaffold+ftg" and saved["state"]["round"] == 2
     assert list(saved["done"]) == ["fedprox"]
     assert all(isinstance(v, torch.Tensor) for v in saved["state"]["global_state"].values())

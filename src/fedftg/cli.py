@@ -19,16 +19,17 @@ from typing import Any, NoReturn
 from fedftg import registry
 from fedftg.config import (
     RunConfig,
-    build_config,
-    check_given,
+    Source,
     coerce,
     config_from_dict,
     core_fields,
-    given_keys,
+    file_source,
     method_help,
     nest_dotted,
+    settings_from,
 )
 from fedftg.errors import UserError
+from fedftg.legacy import flat_name
 from fedftg.settings import fields
 
 EXIT_USAGE = 2
@@ -103,8 +104,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kinds = typing.get_type_hints(cls)
         for f, m in fields(cls):
             flags = [f"--{section}-" + f.name.replace("_", "-")]
-            if m.legacy_key and m.legacy_key.replace("_", "-") != flags[0][2:]:
-                flags.append("--" + m.legacy_key.replace("_", "-"))
+            old = flat_name(section, f.name)
+            if old and old.replace("_", "-") != flags[0][2:]:
+                flags.append("--" + old.replace("_", "-"))
             shown = f" [{_shown(getattr(defaults.sections[section], f.name))}]"
             _flag(sub, f"{section}.{f.name}", flags, kinds[f.name], (m.help + shown).strip())
 
@@ -137,10 +139,14 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return nest_dotted({k: v for k, v in vars(ns).items() if k not in IGNORED_KEYS})
 
 
-def _config(ns: argparse.Namespace) -> RunConfig:
+def _config(ns: argparse.Namespace, file_values: dict[str, Any] | None = None) -> RunConfig:
+    """The run's settings: the defaults, the --config file (``file_values``: its contents,
+    when already read), then the flags."""
     if getattr(ns, "config_json", None):  # used by `fedftg sweep` for its child runs
         return config_from_dict(json.loads(ns.config_json))
-    return build_config(getattr(ns, "config", None), _overrides(ns))
+    file = getattr(ns, "config", None)
+    sources = [file_source(file, file_values)] if file else []
+    return settings_from([*sources, Source(_overrides(ns))])
 
 
 def _configs(ns: argparse.Namespace) -> list[RunConfig]:
@@ -167,32 +173,26 @@ def cmd_presets(ns: argparse.Namespace) -> int:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
-    from fedftg.config import apply_overrides, load_config_file
-    from fedftg.engine.sweep import parse_grid, run_sweep
+    from fedftg.config import load_config_file
+    from fedftg.engine.sweep import (
+        grid_points,
+        parse_grid,
+        point_line,
+        point_out,
+        run_sweep,
+        threads_line,
+    )
 
     values = load_config_file(ns.config) if ns.config else {}
     grid = parse_grid(values.pop("grid", {}))
     grid.update(parse_grid(ns.grid or []))
-    if ns.preset:
-        bases = _configs(ns)
-    else:
-        cfg = apply_overrides(RunConfig(), values, where=f"{ns.config}: " if ns.config else "")
-        overrides = _overrides(ns)
-        cfg = apply_overrides(cfg, overrides).validate()
-        check_given(cfg, given_keys(values) + given_keys(overrides))
-        bases = [cfg.resolve()]
-    from fedftg.engine.sweep import grid_points, point_line, threads_line
-
+    bases = _configs(ns) if ns.preset else [_config(ns, values)]
+    # each sweep's points, built once: bad grids and job counts are reported before torch loads
+    sweeps = [(base, grid_points(base, grid)) for base in bases]
     if ns.print_config:
-        shown = [
-            {"point": name, **cfg.to_dict()}
-            for base in bases
-            for name, cfg in grid_points(base, grid)
-        ]
+        shown = [{"point": name, **cfg.to_dict()} for _, points in sweeps for name, cfg in points]
         print(json.dumps(shown, indent=2))
         return 0
-    for base in bases:  # bad grids and job counts are reported before torch loads
-        grid_points(base, grid)
     print(threads_line(bases[0], ns.jobs), flush=True)
     from fedftg.engine.rundir import expand_out, link_latest
 
@@ -200,12 +200,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         print(point_line(r), flush=True)
 
     stamped = []
-    for base in bases:  # one directory per sweep, not per point
+    for base, points in sweeps:  # one directory per sweep, not per point
         path, templated = expand_out(base.out)
         base.out = str(path)
         if templated:
             stamped.append(path)
-    results = [r for base in bases for r in run_sweep(base, grid, jobs=ns.jobs, on_point=report)]
+            for name, cfg in points:
+                cfg.out = point_out(base, name)
+    results = [
+        r for base, points in sweeps for r in run_sweep(base, points, jobs=ns.jobs, on_point=report)
+    ]
     for path in stamped:
         link_latest(path)
     cfg = bases[0]

@@ -5,7 +5,8 @@ training, bookkeeping) as fields, and one section per client method or server pl
 has settings of its own (`fedftg.registry.sections`): ``cfg.fedprox.mu``,
 ``cfg.ftg.iterations``. In TOML they are ``[fedprox]`` / ``[ftg]`` tables, on the command line
 ``--fedprox-mu`` / ``--ftg-iterations``, in Flower's run config ``fedprox-mu``. The names
-settings had before they moved into sections (``prox_mu``, ``--prox-mu``) keep working.
+settings had before they moved into sections (``prox_mu``, ``--prox-mu``) keep working
+(`fedftg.legacy` holds every format kept for older versions).
 
 Every setting is declared with its help, check and history (`fedftg.settings`); from those
 come validation (one `UserError` naming the field), the CLI flags and the run fingerprint
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import sys
 import types
 import typing
@@ -30,9 +29,9 @@ from fedftg.data.partition import SCHEMES
 from fedftg.data.sources import NAMES as DATASETS
 from fedftg.data.sources import dataset_classes
 from fedftg.errors import UserError
+from fedftg.legacy import digest, fill_before, flat_names
 from fedftg.models import MODEL_NAMES
 from fedftg.settings import (
-    MISSING,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -292,16 +291,6 @@ def core_fields() -> list[tuple[dataclasses.Field, Meta]]:
 # Names of settings
 
 
-def _legacy_keys() -> dict[str, str]:
-    """Flat names of settings that moved into sections: ``{"prox_mu": "fedprox.mu"}``."""
-    return {
-        m.legacy_key: f"{section}.{f.name}"
-        for section, cls in registry.sections().items()
-        for f, m in fields(cls)
-        if m.legacy_key
-    }
-
-
 def canonical_key(key: str) -> str:
     """A setting's canonical name: ``ftg-gen-lr``, ``ftg_gen_lr`` and ``ftg.gen_lr`` all
     name FedFTG's generator learning rate, ``prox-mu`` and ``fedprox-mu`` FedProx's mu (the
@@ -312,9 +301,9 @@ def canonical_key(key: str) -> str:
         return f"{section}.{name}"
     if norm in _core_types():
         return norm
-    legacy = _legacy_keys()
-    if norm in legacy:
-        return legacy[norm]
+    flat = flat_names()
+    if norm in flat:
+        return flat[norm]
     for section, cls in registry.sections().items():
         name = norm.removeprefix(section + "_")
         if name != norm and name in _field_types(cls):
@@ -487,9 +476,11 @@ def given_keys(values: dict[str, Any]) -> list[str]:
     return list(flatten_sections({k: v for k, v in values.items() if k != "grid"}))
 
 
-def check_given(cfg: RunConfig, keys: list[str]) -> None:
+def check_given(cfg: RunConfig, keys: list[str], methods: list[str] | None = None) -> None:
     """A section setting the user set away from its default while no method of the run
-    reads it is a `UserError` (``--fedprox-mu 0.1 --method fedavg`` is a mistake)."""
+    (or of ``methods``: a preset's runs together) reads it is a `UserError`
+    (``--fedprox-mu 0.1 --method fedavg`` is a mistake)."""
+    methods = cfg.method if methods is None else methods
     defaults = RunConfig()
     for key in keys:
         if not method_specific(key):
@@ -498,57 +489,85 @@ def check_given(cfg: RunConfig, keys: list[str]) -> None:
         value = getattr(cfg.sections[section], name)
         if value == getattr(defaults.sections[section], name):
             continue
-        if not any(reads_setting(m, key) for m in cfg.method):
+        if not any(reads_setting(m, key) for m in methods):
             raise UserError(
                 f"{key}: set to {value!r}, but no method of this run reads it "
-                f"(method: {','.join(cfg.method)})"
+                f"(method: {','.join(methods)})"
             )
+
+
+@dataclass(frozen=True)
+class Source:
+    """One layer of settings: ``values`` in TOML shape or flat (any name `canonical_key`
+    accepts), ``where`` they come from (the prefix of their errors: ``"c.toml: "``), and
+    whether they are the user's own choices (``given``), which `check_given` holds to the
+    run's methods; a preset's tables and a saved config.json are not."""
+
+    values: dict[str, Any]
+    where: str = ""
+    given: bool = True
+
+
+def file_source(path: str | Path, values: dict[str, Any] | None = None) -> Source:
+    """The TOML file ``path`` as a source (``values``: its contents, when already read)."""
+    return Source(load_config_file(path) if values is None else values, f"{path}: ")
+
+
+def layered(sources: list[Source], base: RunConfig | None = None) -> tuple[RunConfig, list[str]]:
+    """``base`` (default: the defaults; not modified) with ``sources`` applied in order,
+    each over the ones before, unvalidated; and the names of the settings the given
+    sources set. The one way settings are built from their sources (`settings_from`)."""
+    cfg = RunConfig() if base is None else base.copy()
+    keys: list[str] = []
+    for source in sources:
+        apply_overrides(cfg, source.values, where=source.where)
+        if source.given:
+            keys += given_keys(source.values)
+    return cfg, keys
+
+
+def finish(cfg: RunConfig, keys: list[str], methods: list[str] | None = None) -> RunConfig:
+    """A layered config made ready to run: validated, the given settings ``keys`` held to
+    the run's methods (or ``methods``, `check_given`), data-dependent defaults resolved."""
+    cfg.validate()
+    check_given(cfg, keys, methods)
+    return cfg.resolve()
+
+
+def settings_from(sources: list[Source], base: RunConfig | None = None) -> RunConfig:
+    """The validated config of ``sources`` over ``base`` (default: the defaults): what
+    `fedftg run` (defaults, preset or TOML file, flags), `fedftg sweep` (the same, then
+    each grid point) and Flower (defaults, run config) each state their sources to."""
+    return finish(*layered(sources, base))
 
 
 def build_config(
     file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
     """Defaults, then the TOML file, then overrides; validated."""
-    cfg = RunConfig()
-    keys: list[str] = []
-    if file is not None:
-        values = load_config_file(file)
-        apply_overrides(cfg, values, where=f"{file}: ")
-        keys += given_keys(values)
-    if overrides:
-        apply_overrides(cfg, overrides)
-        keys += given_keys(overrides)
-    cfg.validate()
-    check_given(cfg, keys)
-    return cfg.resolve()
+    sources = [file_source(file)] if file is not None else []
+    return settings_from([*sources, Source(overrides or {})])
 
 
-def _saved(values: dict[str, Any]) -> RunConfig:
+def read_saved(values: dict[str, Any]) -> RunConfig:
     """A config from a saved dict, unvalidated: settings it lacks (it was written before
-    they existed) take the value that reproduces the behaviour of that time (``before``),
-    the others their defaults."""
-    cfg = RunConfig()
-    for f, m in core_fields():
-        if m.before is not MISSING:
-            setattr(cfg, f.name, m.before)
-    for s in cfg.sections.values():
-        for f, m in fields(s):
-            if m.before is not MISSING:
-                setattr(s, f.name, m.before)
-    apply_overrides(cfg, {k: v for k, v in values.items() if k not in RECORD_KEYS})
+    they existed) take the value that reproduces the behaviour of that time
+    (`fedftg.legacy.fill_before`), the others their defaults."""
+    settings = {k: v for k, v in values.items() if k not in RECORD_KEYS}
+    cfg, _ = layered([Source(settings, given=False)], fill_before(RunConfig()))
     return cfg.resolve()
 
 
 def saved_settings(values: dict[str, Any]) -> dict[str, Any]:
     """Every setting of a saved config dict, flat (``ftg.gen_lr``), as `config_from_dict`
     reads them (a setting the dict lacks has its ``before`` value)."""
-    return flatten_sections(_saved(values).to_dict())
+    return flatten_sections(read_saved(values).to_dict())
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Rebuild a validated config from `RunConfig.to_dict` output (e.g. a saved config.json,
     today's or one written by an older version)."""
-    return _saved(values).validate()
+    return read_saved(values).validate()
 
 
 def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
@@ -560,7 +579,7 @@ def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     reads it (a setting it lacks has its ``before`` value), so a run written before a
     setting existed matches a new run exactly when the new run keeps the old behaviour.
     """
-    cfg = _saved(values)
+    cfg = read_saved(values)
     kept: dict[str, Any] = {}
     for f, m in core_fields():
         if not (m.resumable or f.name in ignore):
@@ -570,44 +589,13 @@ def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
             key = f"{section}.{f.name}"
             if key not in ignore and any(reads_setting(meth, key) for meth in cfg.method):
                 kept[key] = getattr(s, f.name)
-    return _digest(kept)
-
-
-def legacy_fingerprint(values: dict[str, Any]) -> str:
-    """The hash the checkpoints of fedftg before the settings registry carry, kept to
-    recognise them: every setting of the first version counted whatever the methods
-    (``always_hashed``), under its flat name (``legacy_key``), a setting added later only
-    away from its ``before`` value and when a method reads it."""
-    cfg = _saved(values)
-    kept: dict[str, Any] = {}
-    for f, m in core_fields():
-        value = getattr(cfg, f.name)
-        if not (m.resumable or (m.before is not MISSING and value == m.before)):
-            kept[f.name] = value
-    for section, s in cfg.sections.items():
-        for f, m in fields(s):
-            value = getattr(s, f.name)
-            if m.before is not MISSING and value == m.before:
-                continue
-            if not m.always_hashed and not any(
-                reads_setting(meth, f"{section}.{f.name}") for meth in cfg.method
-            ):
-                continue
-            if m.legacy_key:
-                kept[m.legacy_key] = value
-            else:
-                kept.setdefault(section, {})[f.name] = value
-    return _digest(kept)
-
-
-def _digest(kept: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(kept)
 
 
 def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The canonical names of the fingerprinted settings whose values differ between two
     config dicts (for a message that says what changed)."""
-    ca, cb = _saved(a), _saved(b)
+    ca, cb = read_saved(a), read_saved(b)
     flat_a, flat_b = flatten_sections(ca.to_dict()), flatten_sections(cb.to_dict())
     out = []
     for key, value in flat_a.items():
@@ -628,12 +616,14 @@ __all__ = [
     "DATASETS",
     "PRECISIONS",
     "RunConfig",
+    "Source",
     "apply_overrides",
     "build_config",
     "canonical_key",
     "check_given",
     "config_from_dict",
     "fingerprint",
-    "legacy_fingerprint",
+    "layered",
     "load_config_file",
+    "settings_from",
 ]

@@ -15,13 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedftg.config import (
-    RunConfig,
-    apply_overrides,
-    check_given,
-    given_keys,
-    load_config_file,
-)
+from fedftg.config import RunConfig, Source, finish, layered, load_config_file
 from fedftg.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -105,11 +99,15 @@ def preset_runs(
     if isinstance(wanted, str):
         wanted = [m.strip() for m in wanted.split(",") if m.strip()]
     rest = {k: v for k, v in overrides.items() if k != "method"}
-    runs: list[tuple[str, RunConfig]] = []
+    runs: list[tuple[str, RunConfig, list[str]]] = []
     for group, values in groups.items():
-        cfg = apply_overrides(RunConfig(), preset.settings, where=where)
-        apply_overrides(cfg, values, where=f"{where}groups.{group}: ")
-        apply_overrides(cfg, rest)
+        cfg, given = layered(
+            [
+                Source(preset.settings, where, given=False),
+                Source(values, f"{where}groups.{group}: ", given=False),
+                Source(rest),
+            ]
+        )
         if wanted is not None:
             cfg.method = [m for m in cfg.method if m in wanted]
             if not cfg.method:
@@ -119,7 +117,7 @@ def preset_runs(
             cfg.out = str(Path(out or f"runs/{preset.name}") / group)
         elif out is not None:
             cfg.out = out
-        runs.append((group, cfg.validate()))
+        runs.append((group, cfg.validate(), given))
     if wanted is not None:
         have = {m for values in groups.values() for m in values.get("method", [])}
         have |= set(preset.settings.get("method", []))
@@ -129,8 +127,6 @@ def preset_runs(
                 f"method: {', '.join(missing)} not in preset {preset.name} "
                 f"(its methods: {', '.join(sorted(have))})"
             )
-    merged = RunConfig(method=sorted({m for _, c in runs for m in c.method}))
-    for _, cfg in runs:
-        merged.sections = cfg.sections
-        check_given(merged, given_keys(rest))
-    return [(g, cfg.resolve()) for g, cfg in runs]
+    # a flag may set a method's setting for a run of another group
+    methods = sorted({m for _, cfg, _ in runs for m in cfg.method})
+    return [(g, finish(cfg, given, methods)) for g, cfg, given in runs]

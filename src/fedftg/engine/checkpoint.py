@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from fedftg.config import fingerprint, legacy_fingerprint
+from fedftg.config import fingerprint, read_saved
 from fedftg.errors import UserError
+from fedftg.legacy import matches_v0
 from fedftg.report.files import atomic_write, write_error
 
 MAGIC = b"FEDFTGC1"
@@ -34,18 +35,17 @@ def checkpoint_matches(
 ) -> bool:
     """Whether checkpoint ``saved`` was written by a run with the settings ``cfg_dict``.
 
-    A checkpoint carries the fingerprint of its run (`fedftg.config.fingerprint`). One from
-    before the settings registry carries the hash of that time (`legacy_fingerprint`),
-    which also counted settings no method read: it is recognised through the run
-    directory's config.json (``saved_config``), when that hashes to it, and compared by
-    today's rule; else by the old hash of ``cfg_dict``.
+    A checkpoint carries the fingerprint of its run (`fedftg.config.fingerprint`); one
+    from before the settings registry carries the hash of that time, recognised through
+    the run directory's config.json (``saved_config``) by `fedftg.legacy.matches_v0`.
     """
     stored = saved.get("fingerprint")
-    if stored == fingerprint(cfg_dict):
+    now = fingerprint(cfg_dict)
+    if stored == now:
         return True
-    if saved_config is not None and legacy_fingerprint(saved_config) == stored:
-        return fingerprint(saved_config) == fingerprint(cfg_dict)
-    return legacy_fingerprint(cfg_dict) == stored
+    then = read_saved(saved_config) if saved_config is not None else None
+    same = saved_config is not None and fingerprint(saved_config) == now
+    return matches_v0(stored, read_saved(cfg_dict), then, same)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

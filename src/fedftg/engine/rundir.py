@@ -64,6 +64,7 @@ from fedftg.engine.checkpoint import (
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.server import ServerRunner
 from fedftg.errors import UserError
+from fedftg.legacy import OLD_RUN_FILES, round_candidates, rows_covered
 from fedftg.plugins.distill import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
@@ -83,15 +84,15 @@ from fedftg.threads import in_force
 
 TIME = "{time}"
 CHECKPOINT = "checkpoint.pt"
-# what a run writes (besides samples_<method>.png and tensorboard/): --fresh removes these;
-# samples.png is written no more (one grid per method), but older run directories hold it
+# what a run writes (besides samples_<method>.png and tensorboard/), and what older runs
+# wrote (`fedftg.legacy.OLD_RUN_FILES`): --fresh removes these
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
     "summary.json",
     "curves.png",
     "partition.png",
-    "samples.png",
+    *OLD_RUN_FILES,
     CHECKPOINT,
     CHECKPOINT + ".prev",
 )
@@ -404,8 +405,7 @@ class RunDir:
         this run's (None if they differ). Checkpoints record it; older ones through their
         config.json or, failing that, by matching at this run's rounds."""
         now = self.cfg.to_dict()
-        candidates = [saved.get("rounds"), (saved_config or {}).get("rounds"), self.cfg.rounds]
-        for rounds in dict.fromkeys(r for r in candidates if isinstance(r, int)):
+        for rounds in round_candidates(saved, saved_config, self.cfg.rounds):
             if checkpoint_matches(saved, {**now, "rounds": rounds}, saved_config):
                 return rounds
         return None
@@ -646,17 +646,7 @@ def restore_metrics(
                 f"({line_numbers(broken)} broken)"
             )
     else:
-        covered = {name: done["rounds"] for name, done in saved["done"].items()}
-        for name, state in saved_states(saved).items():
-            covered[name] = max(covered.get(name, 0), int(state["round"]))
-        kept = [r for r in rows if r.get("round", 0) <= covered.get(r.get("method"), 0)]
-        have_rounds = {(r.get("method"), r.get("round")) for r in kept}
-        lost = [
-            {"method": name, "round": n}
-            for name, last in covered.items()
-            for n in range(1, last + 1)
-            if (name, n) not in have_rounds
-        ]
+        kept, lost = rows_covered(saved, saved_states(saved), rows)
         if lost:
             warn(
                 f"{path}: no row for {_row_names(lost)} ({line_numbers(broken)} broken), "

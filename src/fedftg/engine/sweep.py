@@ -26,11 +26,12 @@ from typing import Any
 
 from fedftg.config import (
     RunConfig,
-    apply_overrides,
+    Source,
     canonical_key,
-    check_given,
     fingerprint,
+    finish,
     flatten_sections,
+    layered,
     nest_dotted,
 )
 from fedftg.errors import UserError
@@ -62,12 +63,16 @@ def grid_points(base: RunConfig, grid: dict[str, list[Any]]) -> list[tuple[str, 
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         name = ",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "run"
-        cfg = base.copy()
-        apply_overrides(cfg, nest_dotted(dict(zip(keys, combo, strict=True))), where="grid: ")
-        cfg.out = str(Path(base.out) / name)
-        check_given(cfg.validate(), keys)
-        points.append((name, cfg))
+        point = Source(nest_dotted(dict(zip(keys, combo, strict=True))), "grid: ")
+        cfg, given = layered([point], base)
+        cfg.out = point_out(base, name)
+        points.append((name, finish(cfg, given)))
     return points
+
+
+def point_out(base: RunConfig, name: str) -> str:
+    """The run directory of grid point ``name`` of the sweep ``base``: ``<out>/<name>``."""
+    return str(Path(base.out) / name)
 
 
 def is_complete(cfg: RunConfig) -> bool:
@@ -117,12 +122,13 @@ EXIT_DIVERGED = 3
 
 def run_sweep(
     base: RunConfig,
-    grid: dict[str, list[Any]],
+    points: list[tuple[str, RunConfig]],
     jobs: int = 1,
     config_file: str | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every grid point not yet complete; returns one status dict per point.
+    """Run every point (`grid_points` of ``base``) not yet complete; returns one status
+    dict per point.
 
     ``on_point`` is called with each point's status as soon as it is known (skipped ones
     first, then each run as it finishes), from the calling thread's lock-guarded workers."""
@@ -135,7 +141,6 @@ def run_sweep(
         return r
 
     plan = sweep_threads(base, jobs)
-    points = grid_points(base, grid)
     todo = [(n, c) for n, c in points if not is_complete(c)]
     status = [
         {"name": n, "out": c.out, "status": "skipped (complete)"}

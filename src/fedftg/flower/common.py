@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedftg.config import RunConfig, apply_overrides, check_given, config_from_dict, given_keys
+from fedftg.config import RunConfig, Source, config_from_dict, settings_from
 from fedftg.engine.run import Diverged
 from fedftg.errors import UserError
 
@@ -38,9 +38,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     (``ftg.gen_lr``); a method's setting given for a run without that method is an error,
     as on the command line.
     """
-    cfg = apply_overrides(RunConfig(), run_config, where="run config: ").validate()
-    check_given(cfg, given_keys(run_config))
-    return cfg.resolve()
+    return settings_from([Source(run_config, "run config: ")])
 
 
 class ReportedError(UserError):

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedftg import registry
-from fedftg.config import RunConfig, apply_overrides, canonical_key
+from fedftg.config import Source, canonical_key, layered
 from fedftg.engine.server import plugin_step
 from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
@@ -75,9 +75,8 @@ def plugin_settings(
             raise UserError(f"settings: expected {expected.__name__} for {plugin}")
         chosen = copy.deepcopy(settings)
     else:
-        cfg = RunConfig()
         values = {_section_key(plugin, k): v for k, v in (settings or {}).items()}
-        apply_overrides(cfg, values, where="settings: ")
+        cfg, _ = layered([Source(values, "settings: ")])
         chosen = cfg.sections[plugin]
     validate_section(plugin, chosen)
     return chosen
