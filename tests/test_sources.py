@@ -487,7 +487,7 @@ def test_imagefolder_layout_errors(tmp_path):
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(UserError, match="imagenet") as err:
         load_dataset("imagenet")
-    assert all(name in str(err.value) for name in sources.NAMES)
+    assert all(name in str(err.value) for name in sources.DATASETS.names())
 
 
 # ------------------------------------------------------------------ shared datasets

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedftg.config import PRECISIONS, RunConfig
-from fedftg.data.sources import Dataset
+from fedftg.data.sources import Dataset, shaped_datasets
 from fedftg.engine.simulation import (
     MethodRunner,
     Setup,
@@ -48,18 +48,10 @@ from fedftg.errors import UserError
 from fedftg.methods.aggregation import State, weighted_average
 from fedftg.methods.client import detached_state
 from fedftg.methods.ftg import FTGConfig
-from fedftg.models import MODEL_NAMES
+from fedftg.models import MODELS
 from fedftg.seeding import numpy_rng, torch_rng
 
 COMMANDS = ("ftg-step", "round")
-# channels, image size, classes: all the benchmark takes from a dataset
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "digits": (1, 8, 10),
-    "mnist": (1, 28, 10),
-    "fmnist": (1, 28, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-}
 TEACHER_NOISE = 0.01  # std of the per-client perturbation of the shared init (ftg-step)
 
 # A timed unit of work: returns (seconds, the parameters of the model it produced).
@@ -114,12 +106,11 @@ class BenchSettings:
             raise UserError(
                 f"bench: unknown benchmark {self.command!r}; use {' or '.join(COMMANDS)}"
             )
-        if self.dataset not in DATASET_SHAPES:
-            valid = ", ".join(DATASET_SHAPES)
+        shapes = shaped_datasets()  # channels, image size, classes: all the bench takes
+        if self.dataset not in shapes:
+            valid = ", ".join(shapes)
             raise UserError(f"dataset: unknown value {self.dataset!r}; use one of {valid}")
-        if self.model not in MODEL_NAMES:
-            valid = ", ".join(MODEL_NAMES)
-            raise UserError(f"model: unknown model {self.model!r}; use one of {valid}")
+        MODELS.get(self.model)
         if self.precision not in PRECISIONS:
             raise UserError(f"precision: unknown value {self.precision!r}; use fp32 or bf16")
         for name in ("repeats", "test_samples"):
@@ -142,7 +133,7 @@ def synthetic_dataset(s: BenchSettings) -> Dataset:
     clients * samples_per_client training samples (all of them are dealt out) and
     ``test_samples`` test samples.
     """
-    channels, size, classes = DATASET_SHAPES[s.dataset]
+    channels, size, classes = shaped_datasets()[s.dataset]
     rng = numpy_rng(s.seed, "bench", "data")
     n_train = s.clients * s.samples_per_client
 
