@@ -27,8 +27,8 @@ class ModelSpec:
 
     The contract of what ``build`` returns (checked by `build_model`): an ``nn.Module`` with
     ``features(x) -> (B, D)`` and ``classifier``, an ``nn.Linear(D, num_classes)``, whose
-    ``forward(x)`` is ``classifier(features(x))``. MOON, FedGen and FedFTG's class-level
-    ensemble rely on the split.
+    ``forward(x)`` is ``classifier(features(x))``. Local training calls the two halves (the
+    terms of MOON and FedGen read the features), FedGen's generator feeds the classifier.
     """
 
     name: str
