@@ -175,7 +175,8 @@ def dealt(n: int, num_clients: int, samples_per_client: int | None) -> int:
 
 
 class _Checked:
-    """Mixin of the built-in schemes' settings: checked on creation (`_check_values`)."""
+    """Base of the built-in schemes' settings: a value out of range is a `UserError` as the
+    settings are made, so a split function never sees one."""
 
     def __post_init__(self) -> None:
         _check_values(vars(self))
@@ -183,12 +184,16 @@ class _Checked:
 
 @dataclass(frozen=True)
 class IidSettings(_Checked):
+    """What `iid` reads: the size skew and the samples dealt per client (None: all)."""
+
     sigma: float = 0.0
     samples_per_client: int | None = None
 
 
 @dataclass(frozen=True)
 class DirichletSettings(_Checked):
+    """What `dirichlet` reads: the prior's concentration, the size skew, the samples dealt."""
+
     alpha: float = 0.5
     sigma: float = 0.0
     samples_per_client: int | None = None
@@ -196,12 +201,16 @@ class DirichletSettings(_Checked):
 
 @dataclass(frozen=True)
 class DirichletLabelSettings(_Checked):
+    """What `dirichlet-label` reads: the concentration and the least samples per client."""
+
     alpha: float = 0.5
     min_size: int = 10
 
 
 @dataclass(frozen=True)
 class ShardsSettings(_Checked):
+    """What `shards` reads: shards per client."""
+
     shards_per_client: int = 2
 
 

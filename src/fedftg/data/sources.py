@@ -88,9 +88,9 @@ class DatasetSpec:
 
     ``num_classes``, ``channels`` and ``image_size``, where declared, are checked against
     what the loader returns; ``num_classes`` None means the files decide, and
-    ``count_classes(data_dir)`` (when given) counts them without loading. A non-empty
-    ``data_dir`` says the dataset *is* the ``--data-dir`` the user gives (required) and
-    what it must be. ``note`` follows the name in the ``--dataset`` help.
+    ``count_classes(data_dir)`` (when given) counts them without loading (None: cannot
+    tell). A non-empty ``data_dir`` says the dataset *is* the ``--data-dir`` the user gives
+    (required) and what it must be. ``note`` follows the name in the ``--dataset`` help.
     """
 
     name: str
@@ -98,7 +98,7 @@ class DatasetSpec:
     num_classes: int | None = None
     channels: int | None = None
     image_size: int | None = None
-    count_classes: Callable[[Path], int] | None = None
+    count_classes: Callable[[Path], int | None] | None = None
     data_dir: str = ""
     note: str = ""
 
@@ -120,7 +120,7 @@ def register_dataset(
     num_classes: int | None = None,
     channels: int | None = None,
     image_size: int | None = None,
-    count_classes: Callable[[Path], int] | None = None,
+    count_classes: Callable[[Path], int | None] | None = None,
     data_dir: str = "",
     note: str = "",
 ) -> DatasetSpec:
