@@ -110,7 +110,7 @@ class BenchSettings:
         if self.dataset not in shapes:
             valid = ", ".join(shapes)
             raise UserError(f"dataset: unknown value {self.dataset!r}; use one of {valid}")
-        MODELS.get(self.model)
+        MODELS.get(self.model)  # an unknown model is a UserError listing the known ones
         if self.precision not in PRECISIONS:
             raise UserError(f"precision: unknown value {self.precision!r}; use fp32 or bf16")
         for name in ("repeats", "test_samples"):
