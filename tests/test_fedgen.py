@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
+from fedftg.data.sources import shaped_datasets
 from fedftg.errors import UserError
 from fedftg.models import build_model
 from fedftg.models.feature_generator import FeatureGenerator, generator_dims
@@ -53,20 +54,23 @@ def _t(a) -> torch.Tensor:
 
 
 def test_generator_dims_follow_the_authors_entries():
-    assert generator_dims("mnist", 1) == (256, 32)
-    assert generator_dims("digits", 1) == (256, 32)
-    assert generator_dims("fmnist", 1) == (256, 32)
-    assert generator_dims("cifar10", 3) == (512, 64)
-    assert generator_dims("cifar100", 3) == (512, 64)
-    assert generator_dims("imagefolder", 1) == (256, 32)
-    assert generator_dims("imagefolder", 3) == (512, 64)
+    dims = {name: generator_dims(shape[0]) for name, shape in shaped_datasets().items()}
+    mnist, cifar = (256, 32), (512, 64)
+    assert dims == {
+        "digits": mnist,
+        "mnist": mnist,
+        "fmnist": mnist,
+        "cifar10": cifar,
+        "cifar100": cifar,
+    }
+    assert generator_dims(1) == mnist and generator_dims(3) == cifar  # image folders
 
 
 @pytest.mark.parametrize("name", ["cnn", "cnn-bn", "resnet18", "resnet18-gn"])
 def test_generated_features_feed_every_models_classifier(name):
     model = build_model(name, 3, 32, 10)
     d = model.classifier.in_features
-    g = build_generator(FedGenSettings(), "cifar10", 3, 10, d, seed=0)
+    g = build_generator(FedGenSettings(), 3, 10, d, seed=0)
     y = torch.arange(10)
     feats = g(y, g.sample_noise(10, _gen()))
     assert feats.shape == (10, d)
@@ -91,14 +95,14 @@ def test_generator_layers_noise_and_output():
 def test_build_generator_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=4)
+    a = build_generator(FedGenSettings(), 1, 10, 512, seed=4)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=4)
-    c = build_generator(FedGenSettings(), "mnist", 1, 10, 512, seed=5)
+    b = build_generator(FedGenSettings(), 1, 10, 512, seed=4)
+    c = build_generator(FedGenSettings(), 1, 10, 512, seed=5)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not torch.equal(a.out.weight, c.out.weight)
     assert a.noise_dim == 32 and a.hidden[0].out_features == 256
-    sized = build_generator(FedGenSettings(noise_dim=8, hidden_dim=16), "mnist", 1, 10, 512)
+    sized = build_generator(FedGenSettings(noise_dim=8, hidden_dim=16), 1, 10, 512)
     assert sized.noise_dim == 8 and sized.hidden[0].out_features == 16
 
 
@@ -297,7 +301,7 @@ def test_train_generator_takes_the_heads_of_stacked_client_models():
     assert hw.shape == (2, 10, 512) and hb.shape == (2, 10)
     before = hw.clone()
     cfg = FedGenSettings(ensemble_epochs=5)
-    g = build_generator(cfg, "digits", 1, 10, 512)
+    g = build_generator(cfg, 1, 10, 512)
     counts = np.array([[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 3, 9]])
     log = train_generator(g, generator_optimizer(g, cfg), hw, hb, counts, cfg, 0, 16, _gen())
     assert log["gen_qualified_labels"] == 4.0 and np.isfinite(log["gen_loss"])

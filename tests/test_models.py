@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from fedftg.errors import UserError
-from fedftg.models import MODEL_NAMES, ConditionalGenerator, build_model, count_parameters
+from fedftg.models import MODELS, ConditionalGenerator, build_model, count_parameters
 
 SHAPES = [(1, 8), (1, 28), (3, 32)]
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS.names())
 @pytest.mark.parametrize(("channels", "size"), SHAPES)
 def test_shapes_and_features_split(name, channels, size):
     torch.manual_seed(0)
@@ -25,7 +25,7 @@ def test_shapes_and_features_split(name, channels, size):
     torch.testing.assert_close(out, model.classifier(feats))
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS.names())
 def test_can_learn_a_fixed_batch(name):
     torch.manual_seed(0)
     model = build_model(name, 3, 32, 4)

@@ -30,14 +30,14 @@ def _check_valid(part, labels, num_classes=10, exact=True):
     np.testing.assert_array_equal(recount, part.counts)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_every_sample_once_and_counts_match(scheme):
     part = make_partition(LABELS, 10, 20, scheme, alpha=0.3, min_size=5, seed=1)
     _check_valid(part, LABELS)
     assert part.num_clients == 20
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_same_seed_same_split_other_seed_other_split(scheme):
     a = make_partition(LABELS, 10, 20, scheme, alpha=0.3, min_size=5, seed=1)
     b = make_partition(LABELS, 10, 20, scheme, alpha=0.3, min_size=5, seed=1)

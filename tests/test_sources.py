@@ -269,7 +269,8 @@ def _cifar_batch(rng, n: int, num_classes: int) -> dict:
 
 
 def _tiny_cifar10(tmp_path: Path, monkeypatch, extra_members=()) -> tuple[Path, dict]:
-    """A CIFAR-10-format .tar.gz with made-up batches; the md5 table patched to match."""
+    """A CIFAR-10-format .tar.gz with made-up batches (3 classes); the md5 table and the
+    registered class count patched to match."""
     rng = np.random.default_rng(0)
     real = sources.CIFAR_SOURCES["cifar10"]
     files = {name: pickle.dumps(_cifar_batch(rng, 4, 3)) for name in [*real.train, *real.test]}
@@ -294,6 +295,8 @@ def _tiny_cifar10(tmp_path: Path, monkeypatch, extra_members=()) -> tuple[Path, 
         meta=(real.meta[0], md5[real.meta[0]]),
     )
     monkeypatch.setitem(sources.CIFAR_SOURCES, "cifar10", tiny)
+    three = dataclasses.replace(sources.DATASETS.get("cifar10"), num_classes=3)
+    monkeypatch.setitem(sources.DATASETS._entries, "cifar10", three)  # noqa: SLF001
     return root, {n: pickle.loads(d) for n, d in files.items()}
 
 
@@ -487,7 +490,7 @@ def test_imagefolder_layout_errors(tmp_path):
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(UserError, match="imagenet") as err:
         load_dataset("imagenet")
-    assert all(name in str(err.value) for name in sources.NAMES)
+    assert all(name in str(err.value) for name in sources.DATASETS.names())
 
 
 # ------------------------------------------------------------------ shared datasets

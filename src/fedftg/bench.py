@@ -36,25 +36,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedftg.config import PRECISIONS, RunConfig
-from fedftg.data.sources import Dataset
+from fedftg.data.sources import Dataset, shaped_datasets
 from fedftg.engine.inprocess import MethodRunner
 from fedftg.engine.setup import Setup, resolve_device, server_plugin, setup_from_dataset
 from fedftg.errors import UserError
 from fedftg.fl.aggregation import State, weighted_average
 from fedftg.fl.client import detached_state
-from fedftg.models import MODEL_NAMES
+from fedftg.models import MODELS
 from fedftg.plugins.ftg import FTGSettings
 from fedftg.seeding import numpy_rng, torch_rng
 
 COMMANDS = ("ftg-step", "round")
-# channels, image size, classes: all the benchmark takes from a dataset
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "digits": (1, 8, 10),
-    "mnist": (1, 28, 10),
-    "fmnist": (1, 28, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-}
 TEACHER_NOISE = 0.01  # std of the per-client perturbation of the shared init (ftg-step)
 
 # A timed unit of work: returns (seconds, the parameters of the model it produced).
@@ -109,12 +101,11 @@ class BenchSettings:
             raise UserError(
                 f"bench: unknown benchmark {self.command!r}; use {' or '.join(COMMANDS)}"
             )
-        if self.dataset not in DATASET_SHAPES:
-            valid = ", ".join(DATASET_SHAPES)
+        shapes = shaped_datasets()  # channels, image size, classes: all the bench takes
+        if self.dataset not in shapes:
+            valid = ", ".join(shapes)
             raise UserError(f"dataset: unknown value {self.dataset!r}; use one of {valid}")
-        if self.model not in MODEL_NAMES:
-            valid = ", ".join(MODEL_NAMES)
-            raise UserError(f"model: unknown model {self.model!r}; use one of {valid}")
+        MODELS.get(self.model)  # an unknown model is a UserError listing the known ones
         if self.precision not in PRECISIONS:
             raise UserError(f"precision: unknown value {self.precision!r}; use fp32 or bf16")
         for name in ("repeats", "test_samples"):
@@ -137,7 +128,7 @@ def synthetic_dataset(s: BenchSettings) -> Dataset:
     clients * samples_per_client training samples (all of them are dealt out) and
     ``test_samples`` test samples.
     """
-    channels, size, classes = DATASET_SHAPES[s.dataset]
+    channels, size, classes = shaped_datasets()[s.dataset]
     rng = numpy_rng(s.seed, "bench", "data")
     n_train = s.clients * s.samples_per_client
 

@@ -28,8 +28,10 @@ from fedftg.config import (
     nest_dotted,
     settings_from,
 )
+from fedftg.data.sources import shaped_datasets
 from fedftg.errors import UserError
 from fedftg.legacy import flat_name
+from fedftg.models import MODELS
 from fedftg.settings import fields
 
 EXIT_USAGE = 2
@@ -96,7 +98,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f, m in core_fields():
         if m.hidden:
             continue
-        help_text = method_help() if f.name == "method" else m.help
+        help_text = method_help() if f.name == "method" else m.help_text()
         shown = f" [{_shown(getattr(defaults, f.name))}]"
         _flag(group, f.name, ["--" + f.name.replace("_", "-")], hints[f.name], help_text + shown)
     for section, cls in registry.sections().items():
@@ -108,7 +110,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if old and old.replace("_", "-") != flags[0][2:]:
                 flags.append("--" + old.replace("_", "-"))
             shown = f" [{_shown(getattr(defaults.sections[section], f.name))}]"
-            _flag(sub, f"{section}.{f.name}", flags, kinds[f.name], (m.help + shown).strip())
+            _flag(sub, f"{section}.{f.name}", flags, kinds[f.name], (m.help_text() + shown).strip())
 
 
 IGNORED_KEYS = {
@@ -324,13 +326,11 @@ def _add_bench_parser(subs: Any) -> None:
         metavar="{ftg-step,round}",
         help="ftg-step: one FedFTG server step; round: one fedavg+ftg round",
     )
-    bench.add_argument(
-        "--model", default="resnet18", help="cnn, cnn-bn, resnet18, resnet18-gn [resnet18]"
-    )
+    bench.add_argument("--model", default="resnet18", help=f"{MODELS.help_text()} [resnet18]")
     bench.add_argument(
         "--dataset",
         default="cifar10",
-        help="digits, mnist, fmnist, cifar10, cifar100: only its shape and class count are "
+        help=f"{', '.join(shaped_datasets())}: only its shape and class count are "
         "used, the inputs are random [cifar10]",
     )
     ints = {

@@ -26,11 +26,10 @@ from typing import Any
 
 from fedftg import registry
 from fedftg.data.partition import SCHEMES
-from fedftg.data.sources import NAMES as DATASETS
-from fedftg.data.sources import dataset_classes
+from fedftg.data.sources import DATASETS, dataset_classes
 from fedftg.errors import UserError
 from fedftg.legacy import digest, fill_before, flat_names
-from fedftg.models import MODEL_NAMES
+from fedftg.models import MODELS
 from fedftg.settings import (
     NON_NEGATIVE,
     POSITIVE,
@@ -85,7 +84,7 @@ class RunConfig:
     """
 
     # data
-    dataset: str = setting("digits", ", ".join(DATASETS), choices=DATASETS)
+    dataset: str = setting("digits", DATASETS.help_text, choices=DATASETS.names)
     data_dir: str | None = setting(
         None,
         "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
@@ -94,11 +93,7 @@ class RunConfig:
     download: bool = setting(True, "download missing dataset files (when online)")
     # federation
     clients: int = setting(10, "number of clients", check=POSITIVE_INT)
-    partition: str = setting(
-        "dirichlet",
-        "iid, dirichlet (authors'), dirichlet-label (NIID-Bench), shards",
-        choices=SCHEMES,
-    )
+    partition: str = setting("dirichlet", SCHEMES.help_text, choices=SCHEMES.names)
     alpha: float = setting(0.1, "Dirichlet concentration (smaller = more non-IID)", check=POSITIVE)
     sigma: float = setting(0.0, "lognormal quantity skew (0 = balanced)", check=NON_NEGATIVE)
     shards_per_client: int = setting(2, "shards per client (shards)", check=POSITIVE_INT)
@@ -119,7 +114,7 @@ class RunConfig:
     )
     rounds: int = setting(30, "communication rounds", check=POSITIVE_INT)
     # model and local training
-    model: str = setting("cnn", ", ".join(MODEL_NAMES), choices=MODEL_NAMES)
+    model: str = setting("cnn", MODELS.help_text, choices=MODELS.names)
     local_epochs: int = setting(2, "local epochs per round", check=POSITIVE_INT)
     local_steps: int | None = setting(
         None,
@@ -269,8 +264,9 @@ class RunConfig:
         """Check every field; raise `UserError` naming the first bad one. Returns self."""
         for f, m in core_fields():
             check_value(f.name, getattr(self, f.name), m)
-        if self.dataset == "imagefolder" and not self.data_dir:
-            raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
+        needs = DATASETS.get(self.dataset).data_dir
+        if needs and not self.data_dir:
+            raise UserError(f"data_dir: the {self.dataset} dataset needs --data-dir ({needs})")
         if not self.method:
             raise UserError("method: give at least one method")
         if len(set(self.method)) != len(self.method):

@@ -91,14 +91,19 @@ NON_NEGATIVE = at_least(0)
 POSITIVE = above(0)
 
 Reads = Callable[[str, "str | None"], bool]
+# a help text or a list of choices, or a function giving it when asked: the choices and
+# help of a setting whose values come from a registry (datasets, models, partition schemes)
+# follow registrations made after the settings class was defined
+Text = str | Callable[[], str]
+Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class Meta:
     """What `setting` records about a field (``dataclasses.Field.metadata['fedftg']``)."""
 
-    help: str
-    choices: tuple[str, ...] | None = None
+    help: Text
+    choices: Choices | None = None
     check: Check | None = None
     optional: bool = False  # None is a valid value (the check applies otherwise)
     legacy_key: str | None = None
@@ -109,10 +114,18 @@ class Meta:
     pooled: bool = False  # runs differing only here are repeats of one setting in reports
     hidden: bool = False  # not a flag of its own (set through another, or internal)
 
+    def help_text(self) -> str:
+        """The help text (asked of its function when it has one)."""
+        return self.help() if callable(self.help) else self.help
+
+    def choice_names(self) -> tuple[str, ...] | None:
+        """The valid values (asked of their function when they have one), or None: any."""
+        return self.choices() if callable(self.choices) else self.choices
+
 
 def setting(
     default: Any = MISSING,
-    help: str = "",
+    help: Text = "",
     *,
     default_factory: Callable[[], Any] | None = None,
     **meta: Any,
@@ -141,8 +154,9 @@ def check_value(name: str, value: Any, m: Meta) -> None:
     """Raise `UserError` if ``value`` breaks the declaration ``m`` of setting ``name``."""
     if value is None and m.optional:
         return
-    if m.choices is not None and value not in m.choices:
-        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(m.choices)}")
+    choices = m.choice_names()
+    if choices is not None and value not in choices:
+        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(choices)}")
     if m.check is not None and not m.check(value):
         raise UserError(f"{name}: must be {m.check.what}, got {value!r}")
 

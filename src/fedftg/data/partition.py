@@ -6,6 +6,8 @@ the result: it is what FedFTG's label sampling and class-level ensemble are buil
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +15,7 @@ import numpy as np
 
 from fedftg.errors import UserError
 from fedftg.seeding import numpy_rng
-
-SCHEMES = ("iid", "dirichlet", "dirichlet-label", "shards")
+from fedftg.tables import Table
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,77 @@ class Partition:
         return self.counts.sum(axis=1)
 
 
+# (labels, num_classes, num_clients, settings, rng) -> one index array per client, each
+# sample at most once; `partition_labels` sorts them and counts
+SplitFn = Callable[[np.ndarray, int, int, Any, np.random.Generator], Sequence[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """A registered partition scheme: its split function and the settings it reads.
+
+    ``settings`` is a dataclass whose fields are the run settings the scheme reads, under
+    their `fedftg.config.RunConfig` names (``alpha``, ``min_size``); `scheme_settings`
+    fills one from a run's config. ``note`` follows the name in the ``--partition`` help.
+    """
+
+    name: str
+    split: SplitFn
+    settings: type
+    note: str = ""
+
+
+SCHEMES: Table[SchemeSpec] = Table("scheme", "partition")
+
+
+def register_scheme(name: str, split: SplitFn, settings: type, *, note: str = "") -> SchemeSpec:
+    """Make partition scheme ``name`` a valid ``--partition``.
+
+    ``split(labels, num_classes, num_clients, settings, rng)`` returns one int array of
+    sample indices per client (a sample at most once), drawing only from ``rng`` (seeded
+    from the run's seed and the scheme's name); ``settings`` is an instance of the
+    ``settings`` dataclass, whose fields are the run settings the scheme reads (a new
+    setting is a field of `fedftg.config.RunConfig` first). A taken name, a split that is
+    not callable or settings that are not a dataclass are a `UserError`.
+    """
+    where = f"partition: cannot register scheme {name!r}"
+    if not callable(split):
+        raise UserError(f"{where}: its split function {split!r} is not callable")
+    if not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+        raise UserError(f"{where}: its settings {settings!r} are not a dataclass")
+    return SCHEMES.add(name, SchemeSpec(name, split, settings, note))
+
+
+def scheme_settings(scheme: str, values: Mapping[str, Any]) -> Any:
+    """The settings of ``scheme`` taken from ``values`` (a run's settings by name)."""
+    spec = SCHEMES.get(scheme)
+    wanted = [f.name for f in dataclasses.fields(spec.settings)]
+    missing = [name for name in wanted if name not in values]
+    if missing:
+        raise UserError(f"partition: scheme {scheme!r} reads {missing[0]!r}, which is not given")
+    return spec.settings(**{name: values[name] for name in wanted})
+
+
+def partition_labels(
+    labels: np.ndarray, num_classes: int, num_clients: int, scheme: str, settings: Any, *, seed: int
+) -> Partition:
+    """Split sample ids 0..N-1 among ``num_clients`` clients with ``scheme`` and its
+    ``settings`` (`scheme_settings`); deterministic by ``seed``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    spec = SCHEMES.get(scheme)
+    _check_clients(len(labels), num_clients)
+    parts = spec.split(
+        labels, num_classes, num_clients, settings, numpy_rng(seed, "partition", scheme)
+    )
+    if len(parts) != num_clients:
+        raise UserError(
+            f"partition: scheme {scheme!r} gave {len(parts)} parts for {num_clients} clients"
+        )
+    parts = tuple(np.sort(p).astype(np.int64) for p in parts)
+    counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+    return Partition(client_indices=parts, counts=counts.astype(np.int64))
+
+
 def make_partition(
     labels: np.ndarray,
     num_classes: int,
@@ -46,7 +118,8 @@ def make_partition(
     samples_per_client: int | None = None,
     seed: int = 0,
 ) -> Partition:
-    """Split sample ids 0..N-1 among ``num_clients`` clients with ``scheme``.
+    """`partition_labels` with the built-in schemes' settings as keywords, each checked whether or
+    not ``scheme`` reads it.
 
     iid: uniform random split. dirichlet: the FedFTG authors' scheme (each client draws a
     class prior from Dir(alpha) and fills a balanced, or lognormal(sigma)-skewed, quota).
@@ -54,57 +127,91 @@ def make_partition(
     retried until every client has ``min_size`` samples). shards: sorted by label, cut into
     ``num_clients * shards_per_client`` shards, ``shards_per_client`` shards each.
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    SCHEMES.get(scheme)
     n = len(labels)
-    _validate(n, num_clients, scheme, alpha, sigma, shards_per_client, samples_per_client)
-    rng = numpy_rng(seed, "partition", scheme)
-    total = n if samples_per_client is None else samples_per_client * num_clients
-    if scheme == "iid":
-        parts = _iid(n, num_clients, total, sigma, rng)
-    elif scheme == "dirichlet":
-        sizes = _client_sizes(total, num_clients, sigma, rng)
-        parts = _dirichlet_prior(labels, num_classes, sizes, alpha, rng)
-    elif scheme == "dirichlet-label":
-        parts = _dirichlet_label(labels, num_classes, num_clients, alpha, min_size, rng)
-    else:
-        parts = _shards(labels, num_clients, shards_per_client, rng)
-    parts = tuple(np.sort(p).astype(np.int64) for p in parts)
-    counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
-    return Partition(client_indices=parts, counts=counts.astype(np.int64))
+    _check_clients(n, num_clients)
+    values = {
+        "alpha": alpha,
+        "sigma": sigma,
+        "shards_per_client": shards_per_client,
+        "min_size": min_size,
+        "samples_per_client": samples_per_client,
+    }
+    _check_values(values)
+    dealt(n, num_clients, samples_per_client)
+    settings = scheme_settings(scheme, values)
+    return partition_labels(labels, num_classes, num_clients, scheme, settings, seed=seed)
 
 
-def _validate(
-    n: int,
-    num_clients: int,
-    scheme: str,
-    alpha: float,
-    sigma: float,
-    shards_per_client: int,
-    samples_per_client: int | None,
-) -> None:
-    if scheme not in SCHEMES:
-        raise UserError(f"partition: unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+def _check_clients(n: int, num_clients: int) -> None:
     if num_clients < 1:
         raise UserError(f"clients: must be >= 1, got {num_clients}")
     if num_clients > n:
         raise UserError(f"clients: {num_clients} clients but only {n} samples")
+
+
+def _check_values(values: Mapping[str, Any]) -> None:
+    """Raise `UserError` naming the first of the built-in schemes' settings in ``values``
+    out of its range (each settings class checks its own fields with this)."""
+    alpha, sigma = values.get("alpha", 1.0), values.get("sigma", 0.0)
     if not (np.isfinite(alpha) and alpha > 0):
         raise UserError(f"alpha: must be a finite number > 0, got {alpha}")
     if not (np.isfinite(sigma) and sigma >= 0):
         raise UserError(f"sigma: must be >= 0, got {sigma}")
-    if shards_per_client < 1:
-        raise UserError(f"shards_per_client: must be >= 1, got {shards_per_client}")
-    if scheme == "shards" and num_clients * shards_per_client > n:
-        raise UserError(
-            f"shards_per_client: {num_clients * shards_per_client} shards for only {n} samples"
-        )
-    if samples_per_client is not None and (
-        samples_per_client < 1 or samples_per_client * num_clients > n
-    ):
+    if values.get("shards_per_client", 1) < 1:
+        raise UserError(f"shards_per_client: must be >= 1, got {values['shards_per_client']}")
+
+
+def dealt(n: int, num_clients: int, samples_per_client: int | None) -> int:
+    """How many of the ``n`` samples are dealt out: all, or ``samples_per_client`` each."""
+    if samples_per_client is None:
+        return n
+    if samples_per_client < 1 or samples_per_client * num_clients > n:
         raise UserError(
             f"samples_per_client: {samples_per_client} x {num_clients} clients exceeds "
             f"the {n} samples"
         )
+    return samples_per_client * num_clients
+
+
+class _Checked:
+    """Base of the built-in schemes' settings: a value out of range is a `UserError` as the
+    settings are made, so a split function never sees one."""
+
+    def __post_init__(self) -> None:
+        _check_values(vars(self))
+
+
+@dataclass(frozen=True)
+class IidSettings(_Checked):
+    """What `iid` reads: the size skew and the samples dealt per client (None: all)."""
+
+    sigma: float = 0.0
+    samples_per_client: int | None = None
+
+
+@dataclass(frozen=True)
+class DirichletSettings(_Checked):
+    """What `dirichlet` reads: the prior's concentration, the size skew, the samples dealt."""
+
+    alpha: float = 0.5
+    sigma: float = 0.0
+    samples_per_client: int | None = None
+
+
+@dataclass(frozen=True)
+class DirichletLabelSettings(_Checked):
+    """What `dirichlet-label` reads: the concentration and the least samples per client."""
+
+    alpha: float = 0.5
+    min_size: int = 10
+
+
+@dataclass(frozen=True)
+class ShardsSettings(_Checked):
+    """What `shards` reads: shards per client."""
+
+    shards_per_client: int = 2
 
 
 def _client_sizes(total: int, k: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -128,10 +235,22 @@ def _client_sizes(total: int, k: int, sigma: float, rng: np.random.Generator) ->
     return sizes
 
 
-def _iid(n: int, k: int, total: int, sigma: float, rng: np.random.Generator) -> list[np.ndarray]:
-    perm = rng.permutation(n)[:total]
-    bounds = np.cumsum(_client_sizes(total, k, sigma, rng))[:-1]
+def _iid(
+    labels: np.ndarray, num_classes: int, k: int, s: IidSettings, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Uniform random split (balanced, or lognormal(sigma)-skewed sizes)."""
+    total = dealt(len(labels), k, s.samples_per_client)
+    perm = rng.permutation(len(labels))[:total]
+    bounds = np.cumsum(_client_sizes(total, k, s.sigma, rng))[:-1]
     return np.split(perm, bounds)
+
+
+def _dirichlet(
+    labels: np.ndarray, num_classes: int, k: int, s: DirichletSettings, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The authors' scheme: a Dir(alpha) class prior per client fills its quota."""
+    sizes = _client_sizes(dealt(len(labels), k, s.samples_per_client), k, s.sigma, rng)
+    return _dirichlet_prior(labels, num_classes, sizes, s.alpha, rng)
 
 
 def _dirichlet_prior(
@@ -183,13 +302,12 @@ def _dirichlet_label(
     labels: np.ndarray,
     num_classes: int,
     k: int,
-    alpha: float,
-    min_size: int,
+    s: DirichletLabelSettings,
     rng: np.random.Generator,
     max_tries: int = 1000,
 ) -> list[np.ndarray]:
     """NIID-Bench: per class, proportions over clients ~ Dir(alpha), clients above N/K skipped."""
-    n = len(labels)
+    n, alpha, min_size = len(labels), s.alpha, s.min_size
     if min_size * k > n:
         raise UserError(f"min_size: {min_size} x {k} clients exceeds the {n} samples")
     for _ in range(max_tries):
@@ -212,9 +330,14 @@ def _dirichlet_label(
 
 
 def _shards(
-    labels: np.ndarray, k: int, per_client: int, rng: np.random.Generator
+    labels: np.ndarray, num_classes: int, k: int, s: ShardsSettings, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """Pathological non-IID: contiguous label-sorted shards, ``per_client`` per client."""
+    """Pathological non-IID: contiguous label-sorted shards, ``shards_per_client`` each."""
+    per_client = s.shards_per_client
+    if k * per_client > len(labels):
+        raise UserError(
+            f"shards_per_client: {k * per_client} shards for only {len(labels)} samples"
+        )
     order = _sorted_ids(labels, rng)
     shards = np.array_split(order, k * per_client)
     assign = rng.permutation(k * per_client).reshape(k, per_client)
@@ -225,6 +348,14 @@ def _sorted_ids(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Sample ids sorted by label, in random order within each label."""
     perm = rng.permutation(len(labels))
     return perm[np.argsort(labels[perm], kind="stable")]
+
+
+# ------------------------------------------------------------------ the built-in schemes
+
+register_scheme("iid", _iid, IidSettings)
+register_scheme("dirichlet", _dirichlet, DirichletSettings, note="authors'")
+register_scheme("dirichlet-label", _dirichlet_label, DirichletLabelSettings, note="NIID-Bench")
+register_scheme("shards", _shards, ShardsSettings)
 
 
 def partition_stats(part: Partition) -> dict[str, Any]:

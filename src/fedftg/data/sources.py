@@ -18,7 +18,9 @@ import struct
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,7 @@ import numpy as np
 from fedftg.data.download import fetch, md5sum
 from fedftg.data.imagefolder import count_classes, load_imagefolder
 from fedftg.errors import UserError
-
-NAMES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "imagefolder")
+from fedftg.tables import Table
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,95 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fedftg" / "data"
 
 
-# classes of the named datasets (imagefolder: as many as its train/ folder holds)
-NUM_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
+# (root, download) -> Dataset; root: --data-dir, else default_data_dir()
+DatasetLoader = Callable[[Path, bool], Dataset]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its loader and what is known of it before loading.
+
+    ``num_classes``, ``channels`` and ``image_size``, where declared, are checked against
+    what the loader returns; ``num_classes`` None means the files decide, and
+    ``count_classes(data_dir)`` (when given) counts them without loading (None: cannot
+    tell). A non-empty ``data_dir`` says the dataset *is* the ``--data-dir`` the user gives
+    (required) and what it must be. ``note`` follows the name in the ``--dataset`` help.
+    """
+
+    name: str
+    load: DatasetLoader
+    num_classes: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    count_classes: Callable[[Path], int | None] | None = None
+    data_dir: str = ""
+    note: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        """(channels, image size, classes) when all three are declared, else None."""
+        if self.channels is None or self.image_size is None or self.num_classes is None:
+            return None
+        return self.channels, self.image_size, self.num_classes
+
+
+DATASETS: Table[DatasetSpec] = Table("dataset", "dataset")
+
+
+def register_dataset(
+    name: str,
+    load: DatasetLoader,
+    *,
+    num_classes: int | None = None,
+    channels: int | None = None,
+    image_size: int | None = None,
+    count_classes: Callable[[Path], int | None] | None = None,
+    data_dir: str = "",
+    note: str = "",
+) -> DatasetSpec:
+    """Make dataset ``name`` loadable and a valid ``--dataset`` (see `DatasetSpec`).
+
+    ``load(root, download)`` returns a `Dataset`; ``root`` is the ``--data-dir`` given
+    (expanded), else `default_data_dir()`; ``download`` says whether fetching missing
+    files is allowed. Declare ``channels`` and ``image_size`` together (then `fedftg bench`
+    can mimic the dataset too). A taken name or a malformed declaration is a `UserError`.
+    """
+    where = f"dataset: cannot register {name!r}"
+    if not callable(load):
+        raise UserError(f"{where}: its loader {load!r} is not callable")
+    for field, value in (
+        ("num_classes", num_classes),
+        ("channels", channels),
+        ("image_size", image_size),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise UserError(f"{where}: {field} must be an integer >= 1, got {value!r}")
+    if (channels is None) != (image_size is None):
+        raise UserError(f"{where}: declare channels and image_size together, or neither")
+    if num_classes is not None and count_classes is not None:
+        raise UserError(f"{where}: give num_classes or count_classes, not both")
+    spec = DatasetSpec(name, load, num_classes, channels, image_size, count_classes, data_dir, note)
+    return DATASETS.add(name, spec)
 
 
 def dataset_classes(name: str, data_dir: str | Path | None = None) -> int | None:
     """The number of classes of dataset ``name`` without loading it (None if unknown, e.g.
     an image folder that is not there)."""
-    if name == "imagefolder":
-        if not data_dir or not Path(data_dir).expanduser().exists():
-            return None
-        return count_classes(Path(data_dir).expanduser())
-    return NUM_CLASSES.get(name)
+    if name not in DATASETS:
+        return None
+    spec = DATASETS.get(name)
+    if spec.num_classes is not None or spec.count_classes is None:
+        return spec.num_classes
+    if not data_dir or not Path(data_dir).expanduser().exists():
+        return None
+    return spec.count_classes(Path(data_dir).expanduser())
+
+
+def shaped_datasets() -> dict[str, tuple[int, int, int]]:
+    """(channels, image size, classes) of every dataset that declares them (`fedftg bench`)."""
+    return {n: s.shape for n, s in DATASETS.entries().items() if s.shape is not None}
 
 
 def load_dataset(
@@ -96,21 +174,38 @@ def load_dataset(
 ) -> Dataset:
     """Load dataset ``name``; files live under ``data_dir`` (default `default_data_dir()`).
 
-    For `imagefolder`, ``data_dir`` is the folder or .zip itself. Missing files are
-    downloaded when ``download`` is true; any problem is a `UserError` naming the path.
+    For a dataset that is its ``data_dir`` (`imagefolder`), that is the folder or .zip
+    itself. Missing files are downloaded when ``download`` is true; any problem is a
+    `UserError` naming the path.
     """
-    if name not in NAMES:
-        raise UserError(f"dataset: unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
-    if name == "digits":
-        return load_digits()
-    if name == "imagefolder":
-        if data_dir is None:
-            raise UserError("data_dir: the imagefolder dataset needs --data-dir (a folder or .zip)")
-        return _load_imagefolder(Path(data_dir).expanduser())
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    if name in IDX_SOURCES:
-        return load_idx_dataset(name, root, download)
-    return load_cifar(name, root, download)
+    spec = DATASETS.get(name)
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+    elif spec.data_dir:
+        raise UserError(f"data_dir: the {name} dataset needs --data-dir ({spec.data_dir})")
+    else:
+        root = default_data_dir()
+    return _as_declared(spec, spec.load(root, download))
+
+
+def _as_declared(spec: DatasetSpec, ds: Dataset) -> Dataset:
+    """``ds``, checked against what ``spec`` declares of it (a `UserError` if it differs)."""
+    if not isinstance(ds, Dataset):
+        raise UserError(
+            f"dataset: the loader of {spec.name!r} returned a {type(ds).__name__}, not a Dataset"
+        )
+    for field, declared in (
+        ("num_classes", spec.num_classes),
+        ("channels", spec.channels),
+        ("image_size", spec.image_size),
+    ):
+        got = getattr(ds, field)
+        if declared is not None and got != declared:
+            raise UserError(
+                f"dataset: {spec.name!r} is registered with {field} {declared}, but its "
+                f"loader returned {got}"
+            )
+    return ds
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -134,7 +229,8 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     )
 
 
-def _load_imagefolder(source: Path) -> Dataset:
+def _load_imagefolder(source: Path, download: bool) -> Dataset:
+    """An image folder or .zip (`fedftg.data.imagefolder`); nothing to download."""
     arrays = load_imagefolder(source)
     mean, std = channel_stats(arrays.train_x)
     return Dataset(
@@ -501,3 +597,25 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
     except OSError:
         if not folder.is_dir():
             raise
+
+
+# ------------------------------------------------------------------- the built-in datasets
+
+register_dataset(
+    "digits", lambda root, download: load_digits(), num_classes=10, channels=1, image_size=8
+)
+register_dataset(
+    "mnist", partial(load_idx_dataset, "mnist"), num_classes=10, channels=1, image_size=28
+)
+register_dataset(
+    "fmnist", partial(load_idx_dataset, "fmnist"), num_classes=10, channels=1, image_size=28
+)
+register_dataset(
+    "cifar10", partial(load_cifar, "cifar10"), num_classes=10, channels=3, image_size=32
+)
+register_dataset(
+    "cifar100", partial(load_cifar, "cifar100"), num_classes=100, channels=3, image_size=32
+)
+register_dataset(
+    "imagefolder", _load_imagefolder, count_classes=count_classes, data_dir="a folder or .zip"
+)

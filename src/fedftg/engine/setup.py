@@ -13,7 +13,7 @@ from torch import nn
 from fedftg import registry
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
-from fedftg.data.partition import Partition, make_partition
+from fedftg.data.partition import Partition, partition_labels, scheme_settings
 from fedftg.data.sources import Dataset, load_dataset
 from fedftg.errors import UserError
 from fedftg.fl.aggregation import State
@@ -61,17 +61,9 @@ def split_clients(cfg: RunConfig, ds: Dataset) -> Partition:
         raise UserError(
             f"clients: {cfg.clients} clients but only {len(ds.train_y)} training samples"
         )
-    return make_partition(
-        ds.train_y,
-        ds.num_classes,
-        cfg.clients,
-        cfg.partition,
-        alpha=cfg.alpha,
-        sigma=cfg.sigma,
-        shards_per_client=cfg.shards_per_client,
-        min_size=cfg.min_size,
-        samples_per_client=cfg.samples_per_client,
-        seed=cfg.seed,
+    settings = scheme_settings(cfg.partition, vars(cfg))
+    return partition_labels(
+        ds.train_y, ds.num_classes, cfg.clients, cfg.partition, settings, seed=cfg.seed
     )
 
 

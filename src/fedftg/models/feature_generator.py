@@ -27,19 +27,13 @@ from fedftg.plugins.specs.fedgen import GENERATOR_NOISE, GENERATOR_OUTPUTS
 # 'mnist' (256, 32 latent, 1 channel, 10 classes, noise 32), 'cifar' (512, 32, 3, 10, 64).
 # Their latent_dim (32) is their network's representation size; ours is the model's D.
 AUTHORS_GENERATOR_DIMS = {"mnist": (256, 32), "cifar": (512, 64)}
-_MNIST_LIKE = ("digits", "mnist", "fmnist")
 
 
-def generator_dims(dataset: str, channels: int) -> tuple[int, int]:
-    """(hidden_dim, noise_dim) for ``dataset``, from the authors' nearest entry.
-
-    digits, mnist and fmnist take their 'mnist' entry; cifar10 and cifar100 their 'cifar'
-    entry (they have none for 100 classes); any other dataset the 'mnist' entry when it is
-    single-channel, else the 'cifar' one.
-    """
-    if dataset in _MNIST_LIKE or (dataset not in ("cifar10", "cifar100") and channels == 1):
-        return AUTHORS_GENERATOR_DIMS["mnist"]
-    return AUTHORS_GENERATOR_DIMS["cifar"]
+def generator_dims(channels: int) -> tuple[int, int]:
+    """(hidden_dim, noise_dim) for images of ``channels`` channels, from the authors'
+    nearest entry: 'mnist' for single-channel datasets (digits, mnist, fmnist, a grey image
+    folder), 'cifar' for colour ones (cifar10, cifar100, which has no entry of its own)."""
+    return AUTHORS_GENERATOR_DIMS["mnist" if channels == 1 else "cifar"]
 
 
 class FeatureGenerator(nn.Module):

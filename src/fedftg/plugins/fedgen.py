@@ -44,15 +44,14 @@ Tensors = dict[str, torch.Tensor]
 
 def build_generator(
     cfg: FedGenSettings,
-    dataset: str,
     channels: int,
     num_classes: int,
     feature_dim: int,
     seed: int = 0,
 ) -> FeatureGenerator:
     """The round-0 generator, initialised from ``(seed, "fedgen-generator")`` (global RNG
-    untouched); sizes from the authors' entry for ``dataset`` unless ``cfg`` sets them."""
-    hidden, noise = generator_dims(dataset, channels)
+    untouched); sizes from the authors' entry for ``channels`` unless ``cfg`` sets them."""
+    hidden, noise = generator_dims(channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "fedgen-generator"))
         return FeatureGenerator(
@@ -402,7 +401,7 @@ def new_generator(cfg: FedGenSettings, env: PluginEnv) -> FeatureGenerator:
     """The run's round-0 generator, sized for the model's representation, on its device."""
     template = build_model(env.model, env.channels, env.image_size, env.num_classes)
     dim = template.classifier.in_features
-    generator = build_generator(cfg, env.dataset, env.channels, env.num_classes, dim, env.seed)
+    generator = build_generator(cfg, env.channels, env.num_classes, dim, env.seed)
     return generator.to(env.device)
 
 
