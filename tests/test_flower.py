@@ -26,7 +26,7 @@ from fedftg.engine.server import ServerRunner  # noqa: E402
 from fedftg.engine.setup import initial_state  # noqa: E402
 from fedftg.flower.common import config_from_run_config, from_record, to_record  # noqa: E402
 from fedftg.flower.server_app import FLOWER_KEYS  # noqa: E402
-from fedftg.flower.strategy import FedFTGStrategy  # noqa: E402
+from fedftg.flower.strategy import MethodStrategy  # noqa: E402
 from flower_federation import APP, available, running  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def strategy():
     runner = ServerRunner(
         cfg, ds, test, initial_state(cfg, ds), "fedavg", None, torch.device("cpu")
     )
-    return FedFTGStrategy(runner, "fedavg", "fedavg", {0: 11, 1: 12, 2: 13}, min_replies=2)
+    return MethodStrategy(runner, "fedavg", "fedavg", {0: 11, 1: 12, 2: 13}, min_replies=2)
 
 
 def _good(strategy, **changes):
@@ -172,7 +172,7 @@ def test_scaffold_clients_receive_the_pre_step_aggregate(monkeypatch):
     runner = ServerRunner(
         cfg, ds, test, initial_state(cfg, ds), "scaffold", "ftg", torch.device("cpu")
     )
-    strat = FedFTGStrategy(runner, "scaffold+ftg", "scaffold", {0: 11, 1: 12, 2: 13})
+    strat = MethodStrategy(runner, "scaffold+ftg", "scaffold", {0: 11, 1: 12, 2: 13})
     aggregate = {k: v + 1.0 for k, v in runner.state.global_state.items()}
     runner.method.note_server_step(aggregate, runner.state.server_state)
     messages = list(strat.configure_train(2, to_record(runner.state.global_state), None, None))
