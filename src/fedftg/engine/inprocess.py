@@ -50,10 +50,10 @@ class MethodRunner(ServerRunner):
         """The selected clients' local training of this round: uploads, label histograms and
         the round's start time, ready for `server_update`."""
         cfg, setup, st = self.cfg, self.setup, self.state
-        t = st.round
+        round_idx = st.round
         start = time.perf_counter()
         selected = self.selected()
-        spec = local_spec(cfg, setup.dataset, t)
+        spec = local_spec(cfg, setup.dataset, round_idx)
         payload = self.client_payload()
         tasks, histograms = [], []
         for k in selected:
@@ -82,7 +82,7 @@ class MethodRunner(ServerRunner):
                     labels,
                     idx,
                     ctx,
-                    t,
+                    round_idx,
                     k,
                     spec,
                 )
