@@ -59,6 +59,13 @@ def test_nan_upload_is_rejected_and_counted():
     assert record["rejected"] == 1 and record["clients"] == 2
     assert runner.diverged is None and math.isfinite(record["test_loss"])
     assert all(torch.isfinite(v).all() for v in runner.state.global_state.values())
+    # the summary carries the run's total and why, one line per rejected upload
+    summary = runner.summary().to_dict()
+    assert summary["rejected"] == 1
+    assert summary["rejections"] == ["round 1: client 1: model holds NaN or Inf"]
+    runner.local_round = lambda: MethodRunner.local_round(runner)  # round 2 is clean
+    assert runner.run_round()["rejected"] == 0  # per round, not over the run
+    assert runner.summary().to_dict()["rejected"] == 1
 
 
 def test_all_uploads_nan_marks_the_method_diverged():
@@ -68,7 +75,9 @@ def test_all_uploads_nan_marks_the_method_diverged():
     _poison_client(runner, 1)
     record = runner.run_round()
     assert record["status"] == "diverged" and record["rejected"] == 2
-    assert runner.summary()["status"] == "diverged" and runner.summary()["final_acc"] is None
+    summary = runner.summary().to_dict()
+    assert summary["status"] == "diverged" and summary["final_acc"] is None
+    assert summary["rejected"] == 2 and len(summary["rejections"]) == 2
 
 
 def test_strict_json_writers(tmp_path):

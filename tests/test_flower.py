@@ -26,7 +26,7 @@ from fedftg.engine.server import ServerRunner  # noqa: E402
 from fedftg.engine.setup import initial_state  # noqa: E402
 from fedftg.flower.common import config_from_run_config, from_record, to_record  # noqa: E402
 from fedftg.flower.server_app import FLOWER_KEYS  # noqa: E402
-from fedftg.flower.strategy import FedFTGStrategy  # noqa: E402
+from fedftg.flower.strategy import MethodStrategy  # noqa: E402
 from flower_federation import APP, available, running  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def strategy():
     runner = ServerRunner(
         cfg, ds, test, initial_state(cfg, ds), "fedavg", None, torch.device("cpu")
     )
-    return FedFTGStrategy(runner, "fedavg", "fedavg", {0: 11, 1: 12, 2: 13}, min_replies=2)
+    return MethodStrategy(runner, "fedavg", "fedavg", {0: 11, 1: 12, 2: 13}, min_replies=2)
 
 
 def _good(strategy, **changes):
@@ -172,7 +172,7 @@ def test_scaffold_clients_receive_the_pre_step_aggregate(monkeypatch):
     runner = ServerRunner(
         cfg, ds, test, initial_state(cfg, ds), "scaffold", "ftg", torch.device("cpu")
     )
-    strat = FedFTGStrategy(runner, "scaffold+ftg", "scaffold", {0: 11, 1: 12, 2: 13})
+    strat = MethodStrategy(runner, "scaffold+ftg", "scaffold", {0: 11, 1: 12, 2: 13})
     aggregate = {k: v + 1.0 for k, v in runner.state.global_state.items()}
     runner.method.note_server_step(aggregate, runner.state.server_state)
     messages = list(strat.configure_train(2, to_record(runner.state.global_state), None, None))
@@ -182,6 +182,39 @@ def test_scaffold_clients_receive_the_pre_step_aggregate(monkeypatch):
     assert sorted(k for k in server if k.startswith("ref.")) == sorted("ref." + n for n in names)
     for n in names:
         torch.testing.assert_close(server["ref." + n], aggregate[n])
+
+
+def test_rejected_counts_per_round_and_the_summary_keeps_why():
+    from types import SimpleNamespace
+
+    from fedftg.engine.records import NO_FINITE_UPLOAD, SKIPPED, TRAINED
+
+    cfg = RunConfig(clients=3, method=["fedavg"]).validate()
+    ds = load_dataset("digits")
+    test = DeviceArrays(ds.test_x, ds.test_y, ds.mean, ds.std)
+    runner = ServerRunner(
+        cfg, ds, test, initial_state(cfg, ds), "fedavg", None, torch.device("cpu")
+    )
+    strat = MethodStrategy(runner, "fedavg", "fedavg", {0: 11, 1: 12, 2: 13}, min_replies=2)
+    nan = {"classifier.bias": torch.full((10,), float("nan"))}
+
+    def reply(pid, **change):
+        content = _good(strat, metrics={"partition-id": pid}, **change)
+        return SimpleNamespace(content=content, has_error=lambda: False)
+
+    first = strat.round_record(1, [reply(0), reply(1), reply(2, state=nan)])
+    assert (first.outcome, first["clients"], first["rejected"]) == (TRAINED, 2, 1)
+    second = strat.round_record(2, [reply(0), reply(1)])
+    assert second["rejected"] == 0  # this round's, not the run's
+    third = strat.round_record(3, [reply(0), reply(1, state=nan)])  # 1 valid < min-replies
+    assert third.outcome == SKIPPED and third["skipped"] and third["rejected"] == 1
+    assert runner.state.round == 3 and runner.diverged is None
+    last = strat.round_record(4, [reply(0, state=nan), reply(1, state=nan)])
+    assert last.outcome == NO_FINITE_UPLOAD and last["rejected"] == 2
+    assert last["status"] == "diverged" and last["lr"] == pytest.approx(cfg.lr * cfg.lr_decay**3)
+    summary = runner.summary().to_dict()
+    assert summary["status"] == "diverged" and summary["diverged_round"] == 4
+    assert summary["rejected"] == 4 and summary["rejections"][0].startswith("round 1: ")
 
 
 def test_valid_reply_is_accepted(strategy):
@@ -234,6 +267,16 @@ def test_run_config_maps_onto_the_cli_config():
     with pytest.raises(UserError, match="bogus"):
         config_from_run_config({"bogus": 1})
     assert np.isfinite(cfg.alpha)
+
+
+def test_flower_options_default_as_fedftg_run_does():
+    import inspect
+
+    from fedftg.engine.run import run_experiment
+
+    defaults = inspect.signature(run_experiment).parameters
+    for name in ("resume", "fresh", "keep_checkpoint", "on_divergence"):
+        assert FLOWER_KEYS[name.replace("_", "-")] == defaults[name].default
 
 
 def test_flower_app_defaults_are_the_cli_defaults():

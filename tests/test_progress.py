@@ -15,8 +15,8 @@ from clirun import run_cli as _run
 from fedftg.config import RunConfig
 from fedftg.engine import sweep
 from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.loop import StopFlag
 from fedftg.engine.progress import Reporter
-from fedftg.engine.run import _StopFlag
 
 FAST = ["--rounds", "2", "--clients", "3", "--local-epochs", "1", "--participation", "1"]
 FAST += ["--local-steps", "2", "--method", "fedavg"]
@@ -69,7 +69,7 @@ def test_first_signal_is_acknowledged_at_once_second_stops():
     rep = Reporter("off", stream)  # even --quiet hears it
     rep.start_method("fedavg", 5, done=0)
     rep.round({"round": 2, "round_s": 1.0})
-    stop = _StopFlag(rep.stopping)
+    stop = StopFlag(rep.stopping)
     stop._handle(signal.SIGINT, None)
     assert stream.getvalue() == (
         "finishing round 3 of fedavg, then saving; Ctrl-C again to stop now\n"

@@ -4,18 +4,17 @@ clients train here, one after another or together (`fedftg.engine.clients`)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
 from fedftg.engine.clients import client_task, label_histogram, local_spec, train_clients
+from fedftg.engine.records import RoundRecord
 from fedftg.engine.server import ServerRunner, upload_problem
 from fedftg.engine.setup import Setup
 from fedftg.fl.client import (
     LocalContext,
     LocalResult,
 )
-from fedftg.fl.selection import select_clients
 
 
 class MethodRunner(ServerRunner):
@@ -27,39 +26,37 @@ class MethodRunner(ServerRunner):
         )
         self.setup = setup
 
-    def run_round(self) -> dict[str, Any]:
-        """One round; returns its metrics record (without the method name).
+    def run_round(self) -> RoundRecord:
+        """One round; returns its record.
 
         Uploads holding NaN/Inf are left out of the aggregate and counted (``rejected``);
         a round with no finite upload, a non-finite global model or test loss marks the
         method diverged (``status: diverged`` in the record, `diverged` set)."""
+        round_num = self.state.round + 1
+        selected = self.selected()
         results, histograms, start = self.local_round()
-        kept = [
-            (r, h)
-            for r, h in zip(results, histograms, strict=True)
-            if upload_problem(r.state, r.upload, r.loss) is None
-        ]
-        rejected = len(results) - len(kept)
+        kept, rejections = [], []
+        for k, r, h in zip(selected, results, histograms, strict=True):
+            problem = upload_problem(r.state, r.upload, r.loss)
+            if problem is None:
+                kept.append((r, h))
+            else:
+                rejections.append(f"round {round_num}: client {k}: {problem}")
         if not kept:
-            t = self.state.round
-            record = self.no_finite_upload(t + 1, rejected, "--lr")
-            record["lr"] = self.cfg.lr * self.cfg.lr_decay**t
-            return self._timed(record, start)
-        record = self.server_update([r for r, _ in kept], [h for _, h in kept], start)
-        record["rejected"] = rejected
-        return record
+            return self.no_finite_upload(rejections, "--lr", start)
+        return self.server_update([r for r, _ in kept], [h for _, h in kept], start, rejections)
 
     def local_round(self) -> tuple[list[LocalResult], list[np.ndarray], float]:
         """The selected clients' local training of this round: uploads, label histograms and
         the round's start time, ready for `server_update`."""
         cfg, setup, st = self.cfg, self.setup, self.state
-        t = st.round
+        round_idx = st.round
         start = time.perf_counter()
-        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
-        spec = local_spec(cfg, setup.dataset, t)
+        selected = self.selected()
+        spec = local_spec(cfg, setup.dataset, round_idx)
         payload = self.client_payload()
         tasks, histograms = [], []
-        for k in map(int, selected):
+        for k in selected:
             if k not in st.client_states:
                 st.client_states[k] = self.method.init_client_state(self.model)
             ctx = LocalContext(
@@ -85,7 +82,7 @@ class MethodRunner(ServerRunner):
                     labels,
                     idx,
                     ctx,
-                    t,
+                    round_idx,
                     k,
                     spec,
                 )

@@ -2,70 +2,33 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from fedftg.config import RunConfig
 from fedftg.engine.inprocess import MethodRunner
+from fedftg.engine.loop import (
+    DEFAULTS,
+    ON_DIVERGENCE,
+    Diverged,
+    Interrupted,
+    StartMethod,
+    StopFlag,
+    StopNow,
+    result_lines,
+    run_methods,
+)
 from fedftg.engine.progress import Reporter
+from fedftg.engine.records import RoundRecord
 from fedftg.engine.rundir import RunDir
-from fedftg.engine.setup import prepare
+from fedftg.engine.server import ServerRunner
+from fedftg.engine.setup import Setup, prepare
 from fedftg.errors import UserError
 
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag: the current round finishes, a checkpoint is written, and
-    the run stops. A second signal stops at once. ``acknowledge`` is called at the first
-    signal, so the user hears at once that it was seen."""
-
-    def __init__(self, acknowledge: Callable[[], None] = lambda: None) -> None:
-        self.raised: int | None = None
-        self.acknowledge = acknowledge
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised is not None:
-            raise StopNow(signum)
-        self.raised = signum
-        self.acknowledge()
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class StopNow(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: stop at once (the CLI exits 128 + ``signum``)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__()
-        self.signum = int(signum)
-
-
-class Interrupted(Exception):
-    """The run was stopped by signal ``signum`` after checkpointing its last completed
-    round (the CLI exits 128 + ``signum``: 130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-
-
-class Diverged(Exception):
-    """A method's model or loss became non-finite and ``on_divergence`` is ``stop``."""
-
-
-ON_DIVERGENCE = ("stop", "continue")
+# the CLI and the Flower apps catch these where `fedftg run` raises them
+__all__ = ["Diverged", "Interrupted", "StopNow", "TensorBoard", "run_experiment"]
 
 
 def run_experiment(
@@ -73,12 +36,12 @@ def run_experiment(
     *,
     stream: TextIO | None = None,
     progress: bool | None = None,
-    resume: bool = False,
-    fresh: bool = False,
-    keep_checkpoint: bool = False,
+    resume: bool = DEFAULTS.resume,
+    fresh: bool = DEFAULTS.fresh,
+    keep_checkpoint: bool = DEFAULTS.keep_checkpoint,
     verbosity: int = 1,
     tensorboard: bool = False,
-    on_divergence: str = "stop",
+    on_divergence: str = DEFAULTS.on_divergence,
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write the run directory (`fedftg.engine.rundir`).
 
@@ -105,102 +68,62 @@ def run_experiment(
         cfg = run.cfg
         board = TensorBoard(run.path / "tensorboard") if tensorboard else None
         run.start(setup.partition, setup.dataset)
-        methods: dict[str, Any] = {}
-        stopped: Diverged | None = None
-        pending = [d for d, _, _ in cfg.methods() if not run.is_finished(d)]
-        with _StopFlag(reporter.stopping) as stop:
-            for display, base, plugin in cfg.methods():
-                if run.is_finished(display):  # finished before the resume: its outputs are written
-                    methods[display] = run.done[display]
-                    reporter.note(f"{display}: finished before the resume")
-                    continue
-                runner = MethodRunner(setup, base, plugin)
-                saved = run.restore_point(display)
-                if saved is not None:
-                    runner.restore(saved)
-                later = cfg.rounds * (len(pending) - 1 - pending.index(display))
-                reporter.start_method(display, cfg.rounds, runner.state.round, later)
-                while runner.state.round < cfg.rounds:
-                    record = runner.run_round()
-                    run.append(display, record)
-                    reporter.round(record)
-                    if board is not None:
-                        board.add(display, record)
-                    if runner.diverged:
-                        break
-                    run.end_round(display, runner, force=stop.raised is not None)
-                    if stop.raised:
-                        reporter.end_method()
-                        raise Interrupted(
-                            f"stopped after round {runner.state.round} of {display}; "
-                            f"rerun the same command (with --out {run.path}) to continue",
-                            stop.raised,
-                        )
-                reporter.end_method()
-                methods[display] = run.method_finished(display, runner, samples=not runner.diverged)
-                stopped = divergence(display, runner, on_divergence, _warn_going_on)
-                if stopped is not None:
-                    break
-        if board is not None:
-            board.close()
-        summary = run.finish(methods, setup.partition)
-        if stopped is not None:
-            raise stopped
+        summary = run_methods(
+            run,
+            setup.partition,
+            _in_process(setup),
+            ConsoleReport(reporter, board),
+            on_divergence,
+            StopFlag(reporter.stopping),
+        )
     if verbosity >= 1:
-        stream.write(format_table(summary["methods"]) + "\n")
-        for line in plugin_gains(cfg, summary["methods"]):
+        for line in result_lines(cfg, summary["methods"]):
             stream.write(line + "\n")
         stream.write(f"results in {run.path}\n")
     return summary
 
 
-def divergence(
-    display: str, runner: Any, on_divergence: str, going_on: Callable[[str], None]
-) -> Diverged | None:
-    """After ``display``'s last round: the `Diverged` that stops the run, or None (it did
-    not diverge, or ``on_divergence`` is ``continue``: then ``going_on`` is told why)."""
-    if not runner.diverged:
-        return None
-    message = f"{display} diverged at round {runner.diverged_round}: {runner.diverged}"
-    if on_divergence == "stop":
-        return Diverged(message)
-    going_on(message)
-    return None
+def _in_process(setup: Setup) -> StartMethod:
+    """How the in-process engine starts a method: a `MethodRunner`, whose rounds train the
+    selected clients here."""
+
+    def start(
+        display: str, base: str, plugin: str | None
+    ) -> tuple[ServerRunner, Callable[[], RoundRecord]]:
+        runner = MethodRunner(setup, base, plugin)
+        return runner, runner.run_round
+
+    return start
 
 
-def _warn_going_on(message: str) -> None:
-    sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
+class ConsoleReport:
+    """`fedftg run`'s report of the loop: the progress on stderr, optionally TensorBoard."""
 
+    def __init__(self, reporter: Reporter, board: TensorBoard | None) -> None:
+        self.reporter = reporter
+        self.board = board
 
-def format_table(methods: dict[str, dict[str, Any]]) -> str:
-    """A plain-text results table: method, final and best accuracy, wall-clock."""
-    lines = [f"{'method':<16} {'final acc':>9} {'best acc':>9} {'rounds':>6} {'wall s':>8}"]
-    for name, s in methods.items():
-        final = "-" if s["final_acc"] is None else f"{100 * s['final_acc']:.2f}"
-        note = f"  diverged at round {s['diverged_round']}" if "diverged_round" in s else ""
-        lines.append(
-            f"{name:<16} {final:>9} {100 * s['best_acc']:>9.2f} {s['rounds']:>6} "
-            f"{s['wall_s']:>8.1f}{note}"
-        )
-    return "\n".join(lines)
+    def finished_before(self, method: str) -> None:
+        self.reporter.note(f"{method}: finished before the resume")
 
+    def start_method(self, method: str, rounds: int, done: int, later: int) -> None:
+        self.reporter.start_method(method, rounds, done, later)
 
-def plugin_gains(cfg: RunConfig, methods: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per server plug-in run whose base method ran too: the accuracy difference."""
-    by_base = {(b, p): name for name, b, p in cfg.methods()}
-    lines = []
-    for (base, plugin), name in by_base.items():
-        plain = by_base.get((base, None))
-        if plugin is None or plain is None:
-            continue
-        a, b = methods[name], methods[plain]
-        if a["final_acc"] is None or b["final_acc"] is None:
-            continue
-        lines.append(
-            f"{name} vs {plain}: {100 * (a['final_acc'] - b['final_acc']):+.2f} points final, "
-            f"{100 * (a['best_acc'] - b['best_acc']):+.2f} points best accuracy"
-        )
-    return lines
+    def round(self, method: str, record: RoundRecord) -> None:
+        row = record.to_row()
+        self.reporter.round(row)
+        if self.board is not None:
+            self.board.add(method, row)
+
+    def end_method(self) -> None:
+        self.reporter.end_method()
+
+    def going_on(self, message: str) -> None:
+        sys.stderr.write(f"warning: {message}; going on (--on-divergence continue)\n")
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 class TensorBoard:

@@ -62,6 +62,7 @@ from fedftg.engine.checkpoint import (
     save_checkpoint,
 )
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
+from fedftg.engine.records import RoundRecord
 from fedftg.engine.server import ServerRunner
 from fedftg.errors import UserError
 from fedftg.legacy import OLD_RUN_FILES, round_candidates, rows_covered
@@ -505,45 +506,35 @@ class RunDir:
         """The saved state ``method`` continues from (None: from the start)."""
         return saved_states(self.saved).get(method) if self.saved is not None else None
 
-    def append(self, method: str, record: dict[str, Any]) -> None:
+    def append(self, method: str, record: RoundRecord) -> None:
         """One round's record to metrics.jsonl."""
         assert self._log is not None, "start() first"
-        row = json.loads(json_line({"method": method, **record}))  # as a resume reads it
+        row = json.loads(json_line({"method": method, **record.to_row()}))  # as resumes read it
         try:
             self._log.append(row)
         except OSError as exc:
             raise write_error(self.paths["metrics"], exc) from None
         self.rows.append(row)
 
-    def end_round(
-        self,
-        method: str,
-        runner: ServerRunner,
-        extra: dict[str, Any] | None = None,
-        force: bool = False,
-    ) -> None:
+    def end_round(self, method: str, runner: ServerRunner, force: bool = False) -> None:
         """After each round: note a method that has finished, checkpoint every
         ``checkpoint_every`` rounds, at a method's last round and when ``force``d."""
         round_, every = runner.state.round, self.cfg.checkpoint_every
         finished = round_ >= self.cfg.rounds
         if finished:
-            self._note_finished(method, runner, extra)
+            self._note_finished(method, runner)
         if force or (every and (round_ % every == 0 or finished)):
             current = None if finished else runner.checkpoint_state()
             self._save(method if current is not None else None, current)
 
     def method_finished(
-        self,
-        method: str,
-        runner: ServerRunner,
-        extra: dict[str, Any] | None = None,
-        samples: bool = True,
+        self, method: str, runner: ServerRunner, samples: bool = True
     ) -> dict[str, Any]:
         """After a method's last round (or its divergence): its summary; writes its
         generated samples to samples_<method>.png unless ``samples`` is false (a diverged
         generator's are noise); one file per method, none shared (no samples.png)."""
         if method not in self.done or self.done[method]["rounds"] < runner.state.round:
-            self._note_finished(method, runner, extra)
+            self._note_finished(method, runner)
         if samples and runner.has_samples:
             path = self.path / f"samples_{method.replace('+', '_')}.png"
             self._write_samples(method, runner, path)
@@ -567,10 +558,8 @@ class RunDir:
             remove_previous(self.checkpoint_path)
         return summary
 
-    def _note_finished(
-        self, method: str, runner: ServerRunner, extra: dict[str, Any] | None
-    ) -> None:
-        self.done[method] = {**runner.summary(), **(extra or {})}
+    def _note_finished(self, method: str, runner: ServerRunner) -> None:
+        self.done[method] = runner.summary().to_dict()
         state = _cpu(runner.checkpoint_state())
         self.final[method] = state if self.keep_checkpoint else small_state(state)
 

@@ -18,6 +18,7 @@ from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import Dataset
 from fedftg.engine.evaluate import evaluate, evaluate_ensemble
+from fedftg.engine.records import NO_FINITE_UPLOAD, SKIPPED, MethodSummary, RoundRecord
 from fedftg.engine.setup import client_half, client_method, server_plugin
 from fedftg.fl.aggregation import State
 from fedftg.fl.client import (
@@ -25,6 +26,7 @@ from fedftg.fl.client import (
     detached_state,
 )
 from fedftg.fl.plugin import ServerPlugin
+from fedftg.fl.selection import select_clients
 from fedftg.models import build_model
 from fedftg.models.stacked import StackedModels, Teachers
 from fedftg.seeding import torch_rng
@@ -42,6 +44,7 @@ class MethodState:
     best_acc: float = 0.0
     last_acc: float | None = None
     last_loss: float | None = None
+    rejections: list[str] = field(default_factory=list)  # "round N: why", over the run
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
@@ -131,79 +134,107 @@ class ServerRunner:
         self.diverged: str | None = None  # why the method stopped (None while it is fine)
         self.diverged_round = 0
 
-    def mark_diverged(self, record: dict[str, Any], reason: str) -> dict[str, Any]:
-        """Record that the method diverged in ``record``'s round; returns the record."""
-        self.diverged, self.diverged_round = reason, int(record["round"])
-        record["status"] = "diverged"
+    def selected(self) -> list[int]:
+        """The clients selected for the next round (both engines select alike)."""
+        cfg = self.cfg
+        chosen = select_clients(
+            cfg.clients, cfg.participation, cfg.selection, cfg.seed, self.state.round
+        )
+        return [int(k) for k in chosen]
+
+    def mark_diverged(self, record: RoundRecord, reason: str) -> None:
+        """Record that the method diverged in ``record``'s round."""
+        self.diverged, self.diverged_round = reason, record.round_num
+        record.diverged = True
+
+    def _rejected(self, record: RoundRecord, rejections: list[str]) -> RoundRecord:
+        """``record`` with the round's left-out uploads counted (and kept for the summary)."""
+        record.rejected = len(rejections)
+        self.state.rejections.extend(rejections)
         return record
 
-    def no_finite_upload(self, round_: int, rejected: int, lr_flag: str) -> dict[str, Any]:
-        """The record of round ``round_`` (1-based) whose every upload held NaN or Inf: no
-        aggregate, no evaluation, the method marked diverged (both engines)."""
-        record = {"round": round_, "clients": 0, "rejected": rejected}
-        record.update(train_loss=None, test_acc=None, test_loss=None)
-        reason = f"all {rejected} client uploads hold NaN or Inf (try a smaller {lr_flag})"
-        return self.mark_diverged(record, reason)
+    def no_finite_upload(self, rejections: list[str], lr_flag: str, start: float) -> RoundRecord:
+        """The record of the next round, whose every upload (``rejections``, the reasons)
+        held NaN or Inf: no aggregate, no evaluation, the method marked diverged."""
+        round_idx = self.state.round
+        record = RoundRecord(round_num=round_idx + 1, outcome=NO_FINITE_UPLOAD)
+        record.lr = self.cfg.lr * self.cfg.lr_decay**round_idx
+        n = len(rejections)
+        self.mark_diverged(
+            record, f"all {n} client uploads hold NaN or Inf (try a smaller {lr_flag})"
+        )
+        return self._timed(self._rejected(record, rejections), start)
+
+    def skip_round(self, rejections: list[str]) -> RoundRecord:
+        """The record of the next round, skipped for too few valid uploads: the global
+        model is kept and the round counts as run."""
+        self.state.round += 1
+        record = RoundRecord(round_num=self.state.round, outcome=SKIPPED)
+        record.elapsed_s = self.state.elapsed_s
+        return self._rejected(record, rejections)
 
     def server_update(
-        self, results: list[LocalResult], histograms: list[np.ndarray], start: float
-    ) -> dict[str, Any]:
-        """Aggregate the round's uploads, run the plug-in, evaluate; the round's record."""
+        self,
+        results: list[LocalResult],
+        histograms: list[np.ndarray],
+        start: float,
+        rejections: list[str] | None = None,
+    ) -> RoundRecord:
+        """Aggregate the round's uploads, run the plug-in, evaluate; the round's record
+        (``rejections``: why other uploads of the round were left out)."""
         cfg, st = self.cfg, self.state
-        t = st.round
+        round_idx = st.round
         new_state = self.method.aggregate(st.global_state, results, st.server_state, cfg.clients)
         self.model.load_state_dict(new_state)
-        record: dict[str, Any] = {
-            "round": t + 1,
-            "clients": len(results),
-            "lr": cfg.lr * cfg.lr_decay**t,
-            "train_loss": float(np.mean([r.loss for r in results])),
-        }
+        record = RoundRecord(
+            round_num=round_idx + 1,
+            clients=len(results),
+            lr=cfg.lr * cfg.lr_decay**round_idx,
+            train_loss=float(np.mean([r.loss for r in results])),
+        )
         plugin_losses = [r.plugin_loss for r in results if r.plugin_loss is not None]
         if plugin_losses:  # a plug-in's client term (FedGen), apart from train_loss
-            record["train_plugin_loss"] = float(np.mean(plugin_losses))
-        evaluate_now = (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds
+            record.train_plugin_loss = float(np.mean(plugin_losses))
+        evaluate_now = (round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds
         counts = np.stack(histograms)
         teachers: Teachers | None = None
         if self.plugin is not None:
             fine_tunes = registry.plugin(self.plugin_name).fine_tunes
             if evaluate_now and fine_tunes:
-                acc0, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
-                record["acc_before_server"] = acc0
+                record.acc_before_server, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
             server_start = time.perf_counter()
             teachers = self._teacher_models(results)
             metrics = plugin_step(
-                self.plugin, self.model, teachers, counts, cfg.seed, t, self.device
+                self.plugin, self.model, teachers, counts, cfg.seed, round_idx, self.device
             )
-            record["server_s"] = time.perf_counter() - server_start
-            record.update({f"{self.plugin_name}_{k}": v for k, v in metrics.items()})
+            record.server_s = time.perf_counter() - server_start
+            record.plugin = {f"{self.plugin_name}_{k}": v for k, v in metrics.items()}
             if fine_tunes:
                 self.method.note_server_step(new_state, st.server_state)
                 new_state = detached_state(self.model)
         if cfg.eval_ensemble and evaluate_now:
             if teachers is None:  # else reuse the plug-in's (frozen: still the uploads)
                 teachers = StackedModels(self.model, [r.state for r in results])
-            record.update(evaluate_ensemble(teachers, counts, self.test, cfg.eval_batch_size))
+            record.ensemble = evaluate_ensemble(teachers, counts, self.test, cfg.eval_batch_size)
         st.global_state = new_state
-        st.round = t + 1
-        record["test_acc"], record["test_loss"] = None, None
+        st.round = round_idx + 1
         if not all_finite(new_state):
             self.mark_diverged(record, "the global model holds NaN or Inf")
         elif evaluate_now:
             acc, loss = evaluate(self.model, self.test, cfg.eval_batch_size)
-            record["test_acc"], record["test_loss"] = acc, loss
+            record.test_acc, record.test_loss = acc, loss
             if math.isfinite(loss):
                 st.last_acc, st.last_loss = acc, loss
                 st.best_acc = max(st.best_acc, acc)
             else:
                 self.mark_diverged(record, "the test loss is not finite")
-        return self._timed(record, start)
+        return self._timed(self._rejected(record, rejections or []), start)
 
-    def _timed(self, record: dict[str, Any], start: float) -> dict[str, Any]:
+    def _timed(self, record: RoundRecord, start: float) -> RoundRecord:
         round_s = time.perf_counter() - start
         self.state.elapsed_s += round_s
-        record["round_s"] = round_s
-        record["elapsed_s"] = self.state.elapsed_s
+        record.round_s = round_s
+        record.elapsed_s = self.state.elapsed_s
         return record
 
     def _teacher_models(self, results: list[LocalResult]) -> Teachers:
@@ -241,6 +272,7 @@ class ServerRunner:
             "best_acc": st.best_acc,
             "last_acc": st.last_acc,
             "last_loss": st.last_loss,
+            "rejections": list(st.rejections),
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -255,32 +287,34 @@ class ServerRunner:
             best_acc=float(saved["best_acc"]),
             last_acc=saved["last_acc"],
             last_loss=saved["last_loss"],
+            rejections=list(saved.get("rejections", [])),  # absent before fedftg kept them
         )
         self.model.load_state_dict(self.state.global_state)
         if self.plugin is not None:
             self.plugin.load_state_dict(saved["plugin"])
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> MethodSummary:
+        """This method's result so far (`MethodSummary`)."""
         st = self.state
         if self.diverged:
-            return {
-                "status": "diverged",
-                "diverged_round": self.diverged_round,
-                "reason": self.diverged,
-                "final_acc": None,
-                "final_loss": None,
-                "best_acc": st.best_acc,
-                "rounds": self.diverged_round,  # the rounds run, the diverged one included
-                "wall_s": st.elapsed_s,
-            }
-        return {
-            "status": "ok",
-            "final_acc": st.last_acc,
-            "final_loss": st.last_loss,
-            "best_acc": st.best_acc,
-            "rounds": st.round,
-            "wall_s": st.elapsed_s,
-        }
+            return MethodSummary(
+                final_acc=None,
+                final_loss=None,
+                best_acc=st.best_acc,
+                rounds=self.diverged_round,  # the rounds run, the diverged one included
+                wall_s=st.elapsed_s,
+                diverged_round=self.diverged_round,
+                reason=self.diverged,
+                rejections=list(st.rejections),
+            )
+        return MethodSummary(
+            final_acc=st.last_acc,
+            final_loss=st.last_loss,
+            best_acc=st.best_acc,
+            rounds=st.round,
+            wall_s=st.elapsed_s,
+            rejections=list(st.rejections),
+        )
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

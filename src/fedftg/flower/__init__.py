@@ -4,7 +4,7 @@ For your own Flower app: `FTGStrategy` wraps a Flower strategy (FedAvg, FedProx,
 ...) and runs FedFTG's server step after its aggregation; `label_histogram_mod` makes a
 ClientApp send the label counts the step needs (docs/flower.md); `FTGSettings` and
 `FedDFSettings` are the steps' settings. fedftg's own ClientApp, ServerApp and
-`FedFTGStrategy` live in `client_app`, `server_app` and `strategy`.
+`MethodStrategy` live in `client_app`, `server_app` and `strategy`.
 """
 
 from fedftg.flower.ftg import FTGStrategy, plugin_settings, run_config_settings

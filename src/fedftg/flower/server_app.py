@@ -15,32 +15,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
 from fedftg.data.sources import load_dataset
-from fedftg.engine.run import ON_DIVERGENCE, Diverged, divergence, format_table, plugin_gains
+from fedftg.engine.loop import DEFAULTS, ON_DIVERGENCE, result_lines, run_methods
+from fedftg.engine.records import TRAINED, RoundRecord
 from fedftg.engine.rundir import FLOWER_HINTS, RunDir
 from fedftg.engine.server import ServerRunner
 from fedftg.engine.setup import initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
-from fedftg.flower.common import config_from_run_config, report_user_errors, to_record
-from fedftg.flower.strategy import FedFTGStrategy
+from fedftg.flower.common import config_from_run_config, report_user_errors
+from fedftg.flower.strategy import MethodStrategy
 
 log = logging.getLogger("flwr")
 
-FLOWER_KEYS = {
-    "min-replies": 1,
-    "round-timeout": 600.0,
-    "node-wait": 120.0,
-    "resume": False,
-    "fresh": False,
-    "keep-checkpoint": False,
-    "on-divergence": "stop",
+MIN_REPLIES, ROUND_TIMEOUT, NODE_WAIT = 1, 600.0, 120.0
+# the Flower-only keys, then `fedftg run`'s options (`fedftg.engine.loop.RunOptions`)
+FLOWER_KEYS: dict[str, Any] = {
+    "min-replies": MIN_REPLIES,
+    "round-timeout": ROUND_TIMEOUT,
+    "node-wait": NODE_WAIT,
+    **{name.replace("_", "-"): value for name, value in asdict(DEFAULTS).items()},
 }
 
 app = ServerApp()
@@ -86,21 +88,6 @@ def _flower_option(key: str, value: Any) -> Any:
     return value
 
 
-def build_server_app(cfg: RunConfig, **options: Any) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (for Flower's Python simulation API and tests)."""
-    bound = ServerApp()
-
-    @bound.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, **options)
-
-    return bound
-
-
-def _log_going_on(message: str) -> None:
-    log.warning("%s; going on (on-divergence=continue)", message)
-
-
 def discover_nodes(grid: Grid, expected: int, wait: float, timeout: float) -> dict[int, int]:
     """Map partition id -> node id by asking every connected node (waits for ``expected``)."""
     deadline = time.time() + wait
@@ -143,13 +130,13 @@ def id_ranges(ids: list[int]) -> str:
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
-    min_replies: int = 1,
-    round_timeout: float = 600.0,
-    node_wait: float = 120.0,
-    resume: bool = False,
-    fresh: bool = False,
-    keep_checkpoint: bool = False,
-    on_divergence: str = "stop",
+    min_replies: int = MIN_REPLIES,
+    round_timeout: float = ROUND_TIMEOUT,
+    node_wait: float = NODE_WAIT,
+    resume: bool = DEFAULTS.resume,
+    fresh: bool = DEFAULTS.fresh,
+    keep_checkpoint: bool = DEFAULTS.keep_checkpoint,
+    on_divergence: str = DEFAULTS.on_divergence,
 ) -> dict[str, Any]:
     """Run every method of ``cfg`` over the nodes of ``grid``; write the run directory.
 
@@ -186,56 +173,42 @@ def run_federation(
         if len(node_of) < int(min_replies):
             raise UserError(f"min-replies: only {len(node_of)} nodes answered")
         run.start(partition, ds)
-        methods: dict[str, Any] = {}
-        stopped: Diverged | None = None
-        for display, base, plugin in cfg.methods():
-            if run.is_finished(display):
-                methods[display] = run.done[display]
-                continue
+
+        def start_method(
+            display: str, base: str, plugin: str | None
+        ) -> tuple[ServerRunner, Callable[[], RoundRecord]]:
             runner = ServerRunner(cfg, ds, test, init, base, plugin, device)
-            saved = run.restore_point(display)
-            if saved is not None:
-                runner.restore(saved)
-                log.info("%s: resumed after round %d", display, runner.state.round)
-            strategy = FedFTGStrategy(runner, display, base, node_of, int(min_replies))
+            strategy = MethodStrategy(runner, display, base, node_of, int(min_replies))
             strategy.summary()
-            for server_round in range(runner.state.round + 1, cfg.rounds + 1):
-                arrays = to_record(runner.state.global_state)
-                messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-                replies = grid.send_and_receive(messages, timeout=round_timeout)
-                new_arrays, _ = strategy.aggregate_train(server_round, replies)
-                if new_arrays is None and runner.diverged:  # no finite upload this round
-                    runner.state.round += 1
-                    run.append(display, strategy.last_record or {})
-                elif new_arrays is None:  # too few valid replies: the round is skipped
-                    runner.state.round += 1
-                    run.append(
-                        display,
-                        {
-                            "round": server_round,
-                            "skipped": True,
-                            "test_acc": None,
-                            "test_loss": None,
-                            "elapsed_s": runner.state.elapsed_s,
-                        },
-                    )
-                else:
-                    run.append(display, strategy.last_record or {})
-                    log.info("%s round %d: %s", display, server_round, strategy.last_record)
-                if runner.diverged:
-                    break
-                run.end_round(display, runner, {"rejected": strategy.rejected})
-            extra = {"rejected": strategy.rejected}
-            methods[display] = run.method_finished(
-                display, runner, extra, samples=not runner.diverged
-            )
-            stopped = divergence(display, runner, on_divergence, _log_going_on)
-            if stopped is not None:
-                break
-        summary = run.finish(methods, partition)
-        if stopped is not None:
-            raise stopped
-    log.info("\n%s", format_table(summary["methods"]))
-    for line in plugin_gains(cfg, summary["methods"]):
+            return runner, lambda: strategy.run_round(grid, round_timeout)
+
+        summary = run_methods(run, partition, start_method, LogReport(), on_divergence)
+    table, *gains = result_lines(cfg, summary["methods"])
+    log.info("\n%s", table)
+    for line in gains:
         log.info(line)
     return summary
+
+
+class LogReport:
+    """The ServerApp's report of the loop, on Flower's log."""
+
+    def finished_before(self, method: str) -> None:
+        pass
+
+    def start_method(self, method: str, rounds: int, done: int, later: int) -> None:
+        if done:
+            log.info("%s: resumed after round %d", method, done)
+
+    def round(self, method: str, record: RoundRecord) -> None:
+        if record.outcome == TRAINED:
+            log.info("%s round %d: %s", method, record.round_num, record.to_row())
+
+    def end_method(self) -> None:
+        pass
+
+    def going_on(self, message: str) -> None:
+        log.warning("%s; going on (on-divergence=continue)", message)
+
+    def close(self) -> None:
+        pass

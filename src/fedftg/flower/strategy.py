@@ -1,10 +1,14 @@
-"""FedFTGStrategy: a Flower strategy that runs fedftg's client methods and server plug-ins.
+"""MethodStrategy: a Flower strategy that runs any fedftg method (a client method and an
+optional server plug-in) on a Flower federation.
 
 Each hook is small: `configure_train` selects clients exactly as the in-process simulator
-does and sends them the global model and the method's server state; `aggregate_train`
-rejects malformed replies, aggregates with the client method's rule and runs the server
-plug-in (FedFTG / FedDF) on the teachers that replied. The maths is the shared
-`ServerRunner`, so Flower and the simulator compute the same numbers.
+does and sends them the global model, the method's server state and the plug-in's
+payload; `round_record` rejects malformed replies, aggregates with the client method's
+rule and runs the server plug-in on the teachers that replied, returning the round's
+`RoundRecord`; `run_round` is one round over a grid (what the run loop,
+`fedftg.engine.loop.run_methods`, calls), and `aggregate_train` the same step as Flower's
+`Strategy.start` expects it. The maths is the shared `ServerRunner`, so Flower and the
+simulator compute the same numbers.
 """
 
 from __future__ import annotations
@@ -12,22 +16,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedftg.engine.records import TRAINED, RoundRecord
 from fedftg.engine.server import NONFINITE_PROBLEMS, ServerRunner, upload_problem
 from fedftg.fl.client import LocalResult
-from fedftg.fl.selection import select_clients
 from fedftg.flower.common import config_to_json, from_record, to_record
 
 log = logging.getLogger("flwr")
 
 
-class FedFTGStrategy(Strategy):
+class MethodStrategy(Strategy):
     """Flower strategy around one fedftg method (client method + optional plug-in)."""
 
     def __init__(
@@ -43,27 +46,30 @@ class FedFTGStrategy(Strategy):
         self.base = base
         self.node_of = node_of
         self.min_replies = min_replies
-        self.last_record: dict[str, Any] | None = None
-        self.rejected: list[str] = []
         self._start = 0.0
 
     # ------------------------------------------------------------------ training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Messages for the clients selected this round (round numbers start at 1)."""
-        cfg, t = self.runner.cfg, server_round - 1
+        """Messages for the clients selected for the runner's next round, ``server_round``
+        (1-based; the runner's own count is the one used, so that a resumed run goes on)."""
+        cfg, round_idx = self.runner.cfg, self.runner.state.round
         self._start = time.perf_counter()
-        selected = select_clients(cfg.clients, cfg.participation, cfg.selection, cfg.seed, t)
         run_config = ConfigRecord(
-            {"round": t, "run": config_to_json(cfg), "base": self.base, "method": self.method_name}
+            {
+                "round": round_idx,
+                "run": config_to_json(cfg),
+                "base": self.base,
+                "method": self.method_name,
+            }
         )
         server_state = to_record(self.runner.state.server_state)
         payload = self.runner.client_payload()  # the plug-in's client half's input (FedGen)
         extra = {"plugin": to_record(payload)} if self.runner.client_half is not None else {}
         run_config["plugin"] = self.runner.plugin_name or ""
         messages = []
-        for k in map(int, selected):
+        for k in self.runner.selected():
             if k not in self.node_of:
                 log.warning("round %d: partition %d has no node; skipped", server_round, k)
                 continue
@@ -75,26 +81,43 @@ class FedFTGStrategy(Strategy):
             )
         return messages
 
+    def run_round(self, grid: Grid, timeout: float) -> RoundRecord:
+        """The runner's next round over ``grid``: send, wait up to ``timeout`` seconds for
+        the replies, aggregate; the round's record."""
+        round_num = self.runner.state.round + 1
+        arrays = to_record(self.runner.state.global_state)
+        messages = self.configure_train(round_num, arrays, ConfigRecord(), grid)
+        return self.round_record(round_num, grid.send_and_receive(messages, timeout=timeout))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, aggregate, run the server plug-in; None if too few replied."""
+        """`round_record` as Flower's `Strategy.start` takes it: the new global model and
+        the record's numbers, or (None, None) for a round without an aggregate."""
+        record = self.round_record(server_round, replies)
+        if record.outcome != TRAINED:
+            return None, None
+        numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        return to_record(self.runner.state.global_state), MetricRecord(numeric)
+
+    def round_record(self, server_round: int, replies: Iterable[Message]) -> RoundRecord:
+        """Validate the replies, aggregate and run the server plug-in: the round's record.
+        A round whose every reply held NaN/Inf marks the method diverged (as in-process);
+        one with fewer than ``min_replies`` valid replies is skipped (the model kept)."""
         accepted: list[tuple[int, LocalResult, np.ndarray]] = []
         replies = list(replies)
+        rejections: list[str] = []
         nonfinite = 0
         for msg in replies:
             problem = self.check_reply(msg)
             if problem is not None:
-                self.rejected.append(f"round {server_round}: {problem}")
+                rejections.append(f"round {server_round}: {problem}")
                 log.warning("round %d: reply rejected: %s", server_round, problem)
                 nonfinite += problem in NONFINITE_PROBLEMS
                 continue
             accepted.append(self._parse(msg))
         if replies and nonfinite == len(replies):  # as in-process: no finite upload left
-            record = self.runner.no_finite_upload(server_round, nonfinite, "lr")
-            record["rejected"] = len(self.rejected)  # this engine counts over the run
-            self.last_record = record
-            return None, None
+            return self.runner.no_finite_upload(rejections, "lr", self._start)
         if len(accepted) < self.min_replies:
             log.warning(
                 "round %d: %d valid replies, fewer than %d: global model kept",
@@ -102,16 +125,11 @@ class FedFTGStrategy(Strategy):
                 len(accepted),
                 self.min_replies,
             )
-            self.last_record = None
-            return None, None
+            return self.runner.skip_round(rejections)
         accepted.sort(key=lambda item: item[0])  # the simulator's order: by partition id
         results = [r for _, r, _ in accepted]
         histograms = [h for _, _, h in accepted]
-        record = self.runner.server_update(results, histograms, self._start)
-        record["rejected"] = len(self.rejected)
-        self.last_record = record
-        numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
-        return to_record(self.runner.state.global_state), MetricRecord(numeric)
+        return self.runner.server_update(results, histograms, self._start, rejections)
 
     def check_reply(self, msg: Message) -> str | None:
         """Why a reply cannot be aggregated (None if it can)."""
@@ -181,7 +199,7 @@ class FedFTGStrategy(Strategy):
     def summary(self) -> None:
         cfg = self.runner.cfg
         log.info(
-            "FedFTGStrategy: method %s, %d clients, participation %s (%s), min replies %d",
+            "MethodStrategy: method %s, %d clients, participation %s (%s), min replies %d",
             self.method_name,
             cfg.clients,
             cfg.participation,
