@@ -127,6 +127,7 @@ def test_every_documented_fedftg_command_parses(tmp_path, capsys, monkeypatch):
     assert not (REPO / "runs" / "fmnist").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "argvs"), _blocks_with_fedftg(), ids=[w for w, _ in _blocks_with_fedftg()]
