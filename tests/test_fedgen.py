@@ -16,7 +16,6 @@ from fedftg.models.feature_generator import FeatureGenerator, generator_dims
 from fedftg.models.stacked import StackedModels
 from fedftg.plugins.fedgen import (
     ClientCoefficients,
-    FedGenSettings,
     build_generator,
     client_coefficients,
     client_loss,
@@ -34,6 +33,7 @@ from fedftg.plugins.fedgen import (
     teacher_loss,
     train_generator,
 )
+from fedftg.plugins.specs.fedgen import FedGenSettings
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -553,6 +553,7 @@ def test_fedgen_state_survives_a_checkpoint(digits, tmp_path):
     assert [third[k] for k in keys] == [records[2][k] for k in keys]
 
 
+@pytest.mark.processes
 def test_fedgen_kill_9_and_resume_gives_identical_metrics(tmp_path):
     args = [sys.executable, "-m", "fedftg.cli", "run", "--method", "fedgen", "--rounds", "4"]
     args += ["--clients", "4", "--local-epochs", "1", "--fedgen-ensemble-epochs", "10"]

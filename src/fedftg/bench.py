@@ -43,7 +43,7 @@ from fedftg.errors import UserError
 from fedftg.fl.aggregation import State, weighted_average
 from fedftg.fl.client import detached_state
 from fedftg.models import MODEL_NAMES
-from fedftg.plugins.ftg import FTGSettings
+from fedftg.plugins.specs.ftg import FTGSettings
 from fedftg.seeding import numpy_rng, torch_rng
 
 COMMANDS = ("ftg-step", "round")

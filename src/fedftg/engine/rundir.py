@@ -524,11 +524,11 @@ class RunDir:
     ) -> None:
         """After each round: note a method that has finished, checkpoint every
         ``checkpoint_every`` rounds, at a method's last round and when ``force``d."""
-        round_, every = runner.state.round, self.cfg.checkpoint_every
-        finished = round_ >= self.cfg.rounds
+        round_num, every = runner.state.round, self.cfg.checkpoint_every  # rounds done
+        finished = round_num >= self.cfg.rounds
         if finished:
             self._note_finished(method, runner, extra)
-        if force or (every and (round_ % every == 0 or finished)):
+        if force or (every and (round_num % every == 0 or finished)):
             current = None if finished else runner.checkpoint_state()
             self._save(method if current is not None else None, current)
 

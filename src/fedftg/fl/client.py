@@ -24,10 +24,9 @@ from fedftg.fl.aggregation import State, weighted_average
 from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 
-Tensors = dict[str, torch.Tensor]
 # fn(params, client, shared, features, logits, batch) -> extra loss term; batch holds the
 # step's inputs "x" (as the model sees them, augmented) and "y", and what `Term.prepare` adds
-TermFn = Callable[[Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor, Tensors], torch.Tensor]
+TermFn = Callable[[State, State, State, torch.Tensor, torch.Tensor, State], torch.Tensor]
 
 
 @dataclass
@@ -46,22 +45,22 @@ class Term:
     """
 
     fn: TermFn
-    client: Tensors = field(default_factory=dict)
-    shared: Tensors = field(default_factory=dict)
-    prepare: Callable[[torch.Tensor, torch.Tensor], Tensors] | None = None
+    client: State = field(default_factory=dict)
+    shared: State = field(default_factory=dict)
+    prepare: Callable[[torch.Tensor, torch.Tensor], State] | None = None
 
-    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> Tensors:
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> State:
         """The per-step ``batch`` of ``fn``: x, y and what ``prepare`` adds."""
         extra = self.prepare(x, y) if self.prepare is not None else {}
         return {"x": x, "y": y, **extra}
 
     def __call__(
-        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
+        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
     ) -> torch.Tensor:
         return self.fn(params, self.client, self.shared, feats, logits, batch)
 
     def parts(
-        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
+        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
     ) -> tuple[torch.Tensor, ...]:
         """The values of the summed terms of `combine_terms` (one value for a plain term),
         so that a plug-in's part can be logged apart from the method's."""
@@ -76,23 +75,23 @@ class _SumOfTerms:
 
     def __call__(
         self,
-        params: Tensors,
-        client: Tensors,
-        shared: Tensors,
+        params: State,
+        client: State,
+        shared: State,
         feats: torch.Tensor,
         logits: torch.Tensor,
-        batch: Tensors,
+        batch: State,
     ) -> torch.Tensor:
         return sum_parts(self.parts(params, client, shared, feats, logits, batch))
 
     def parts(
         self,
-        params: Tensors,
-        client: Tensors,
-        shared: Tensors,
+        params: State,
+        client: State,
+        shared: State,
         feats: torch.Tensor,
         logits: torch.Tensor,
-        batch: Tensors,
+        batch: State,
     ) -> tuple[torch.Tensor, ...]:
         """Each part's value, in the order of `combine_terms`' arguments."""
         values = []
@@ -116,12 +115,12 @@ def sum_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def term_parts(
     fn: TermFn,
-    params: Tensors,
-    client: Tensors,
-    shared: Tensors,
+    params: State,
+    client: State,
+    shared: State,
     feats: torch.Tensor,
     logits: torch.Tensor,
-    batch: Tensors,
+    batch: State,
 ) -> tuple[torch.Tensor, ...]:
     """A term function's parts: those of a `combine_terms` sum, else the one value."""
     if isinstance(fn, _SumOfTerms):
@@ -129,11 +128,11 @@ def term_parts(
     return (fn(params, client, shared, feats, logits, batch),)
 
 
-def _part(tensors: Tensors, prefix: str) -> Tensors:
+def _part(tensors: State, prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _prefixed(dicts: Sequence[Tensors]) -> Tensors:
+def _prefixed(dicts: Sequence[State]) -> State:
     return {f"{i}.{k}": v for i, d in enumerate(dicts) for k, v in d.items()}
 
 
@@ -149,7 +148,7 @@ def combine_terms(*terms: Term | None) -> Term | None:
         return present[0] if present else None
     preparers = [(i, t.prepare) for i, t in enumerate(present) if t.prepare is not None]
 
-    def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> State:
         return {f"{i}.{k}": v for i, p in preparers for k, v in p(x, y).items()}
 
     return Term(
@@ -358,7 +357,7 @@ def functional_template(model: nn.Module, train: bool) -> nn.Module:
 
 
 def call_model(
-    template: nn.Module, state: Tensors, x: torch.Tensor
+    template: nn.Module, state: State, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) of the model with parameters and buffers ``state`` on ``x``.
 
@@ -373,11 +372,11 @@ def zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
 
 
-def dot(params: Tensors, other: Tensors) -> torch.Tensor:
+def dot(params: State, other: State) -> torch.Tensor:
     """sum over ``other``'s names of <params[n], other[n]>."""
     return sum((params[n] * other[n]).sum() for n in other)  # type: ignore[return-value]
 
 
-def sq_dist(params: Tensors, anchors: Tensors) -> torch.Tensor:
+def sq_dist(params: State, anchors: State) -> torch.Tensor:
     """||params - anchors||^2 over ``anchors``' names."""
     return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]

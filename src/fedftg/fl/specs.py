@@ -41,7 +41,7 @@ class PluginSpec:
     ``server(settings, env)`` makes the server side (`fedftg.fl.plugin.ServerPlugin`).
     ``client(settings, env)``, when given, makes the client half
     (`fedftg.fl.plugin.ClientHalf`): the server side then also provides
-    ``client_payload(round)``, sent to the round's clients, and the half turns it into a
+    ``client_payload(round_idx)``, sent to the round's clients, and the half turns it into a
     term of the client's local loss. ``alias`` names the plug-in on FedAvg (``fedftg``).
     ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
     directory gets a figure of generated samples. ``fine_tunes``: the server step changes

@@ -289,7 +289,7 @@ class FTGStrategy(Strategy):
     ) -> ArrayRecord:
         """Run the server step on the aggregate ``arrays``; the step's metrics go into
         ``metrics``; returns the fine-tuned arrays."""
-        prefix, t = self.plugin_name, server_round - 1
+        prefix, round_idx = self.plugin_name, server_round - 1
         start = time.perf_counter()
         dev = self.device
         self.model.load_state_dict({k: v.to(dev) for k, v in arrays.to_torch_state_dict().items()})
@@ -302,7 +302,7 @@ class FTGStrategy(Strategy):
         ]
         counts = np.stack([h for _, _, h in teachers])
         stack = StackedModels(self.model, states)
-        losses = plugin_step(self.plugin, self.model, stack, counts, self.seed, t, dev)
+        losses = plugin_step(self.plugin, self.model, stack, counts, self.seed, round_idx, dev)
         for name, value in losses.items():
             if math.isfinite(value):
                 metrics[f"{prefix}-{name.replace('_', '-')}"] = float(value)

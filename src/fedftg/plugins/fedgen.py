@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg.fl.aggregation import State
 from fedftg.fl.client import LocalSpec, Term
 from fedftg.fl.plugin import PluginEnv
 from fedftg.models import build_model
@@ -35,11 +36,11 @@ from fedftg.models.feature_generator import (
 )
 from fedftg.models.stacked import Teachers
 from fedftg.plugins.distill import diversity_loss
-from fedftg.plugins.specs.fedgen import FedGenSettings
 from fedftg.precision import upcast
 from fedftg.seeding import derive_seed
 
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    from fedftg.plugins.specs.fedgen import FedGenSettings
 
 
 def build_generator(
@@ -157,7 +158,7 @@ def generator_loss(
     cfg: FedGenSettings,
     student_weight: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
-) -> Tensors:
+) -> State:
     """The generator's objective on one batch, and its terms (all 0-dim tensors).
 
     loss = ensemble_alpha * teacher - ensemble_beta * student + ensemble_eta * diversity,
@@ -306,7 +307,7 @@ def prepare_client_inputs(
     available_labels: torch.Tensor,
     gen_batch_size: int,
     gens: torch.Generator | Sequence[torch.Generator],
-) -> Tensors:
+) -> State:
     """The frozen generator's outputs one client step needs, computed without autograd.
 
     For a batch with labels ``y`` (B,) and one ``gens`` generator: ``latent_features``
@@ -347,7 +348,7 @@ def prepare_client_inputs(
 
 
 def client_terms(
-    weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor, inputs: Tensors
+    weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor, inputs: State
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's two generative terms, unweighted: (latent KL, teacher CE).
 
@@ -370,7 +371,7 @@ def client_loss(
     weight: torch.Tensor,
     bias: torch.Tensor,
     logits: torch.Tensor,
-    inputs: Tensors,
+    inputs: State,
     coeffs: ClientCoefficients,
 ) -> torch.Tensor:
     """What FedGen adds to a client's cross-entropy at one step:
@@ -453,7 +454,7 @@ class FedGenServer:
             student_b,
         )
 
-    def client_payload(self, round_idx: int) -> Tensors:
+    def client_payload(self, round_idx: int) -> State:
         """The generator's weights and BatchNorm statistics (``g.<name>``) and the labels
         the clients draw generated labels from (``labels``: every label some client has
         reported holding so far)."""
@@ -484,7 +485,7 @@ class FedGenClient:
     def term(
         self,
         model: nn.Module,
-        payload: Tensors,
+        payload: State,
         histogram: np.ndarray,
         round_idx: int,
         spec: LocalSpec,
@@ -505,7 +506,7 @@ class FedGenClient:
         drawn = [0]  # samples trained on so far this round: gives the local epoch
         gen_batch = cfg.generated_batch(spec.batch_size)
 
-        def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+        def prepare(x: torch.Tensor, y: torch.Tensor) -> State:
             epoch = drawn[0] // held
             drawn[0] += len(y)
             coeffs = client_coefficients(cfg, round_idx, epoch, spec.batch_size)
@@ -518,12 +519,12 @@ class FedGenClient:
 
 
 def _client_term(
-    params: Tensors,
-    client: Tensors,
-    shared: Tensors,
+    params: State,
+    client: State,
+    shared: State,
     feats: torch.Tensor,
     logits: torch.Tensor,
-    batch: Tensors,
+    batch: State,
 ) -> torch.Tensor:
     """FedGen's term in a client's loss, weighted by the step's coefficients (`Term.fn`)."""
     latent, teacher = client_terms(
