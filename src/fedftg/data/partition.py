@@ -68,9 +68,9 @@ def make_partition(
         parts = _dirichlet_label(labels, num_classes, num_clients, alpha, min_size, rng)
     else:
         parts = _shards(labels, num_clients, shards_per_client, rng)
-    parts = tuple(np.sort(p).astype(np.int64) for p in parts)
-    counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
-    return Partition(client_indices=parts, counts=counts.astype(np.int64))
+    indices = tuple(np.sort(p).astype(np.int64) for p in parts)
+    counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in indices])
+    return Partition(client_indices=indices, counts=counts.astype(np.int64))
 
 
 def _validate(

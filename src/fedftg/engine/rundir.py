@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ from fedftg.engine.checkpoint import (
 from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.server import ServerRunner
 from fedftg.errors import UserError
+from fedftg.fl.plugin import WithSamples
 from fedftg.plugins.distill import within_class_distance
 from fedftg.report.files import (
     MetricsLog,
@@ -593,7 +594,8 @@ class RunDir:
         their within-class spread against real images' (`spread_note`)."""
         gen = torch.Generator(device=runner.device)
         gen.manual_seed(self.cfg.seed)
-        images, labels = runner.plugin.sample_images(SAMPLES_PER_CLASS, gen)  # type: ignore[union-attr]
+        plugin = cast(WithSamples, runner.plugin)  # its spec declares samples
+        images, labels = plugin.sample_images(SAMPLES_PER_CLASS, gen)
         if not bool(torch.isfinite(images).all()):
             _stderr_warning(f"{path} not written: the generator's images are not finite")
             return

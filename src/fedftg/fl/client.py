@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +108,10 @@ class _SumOfTerms:
 def sum_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of a term's parts, in the order `_SumOfTerms` has always added them (from
     0.0, left to right), so that splitting a term off for logging changes no number."""
-    total: torch.Tensor | float = 0.0
-    for value in parts:
+    total = 0.0 + parts[0]
+    for value in parts[1:]:
         total = total + value
-    return total  # type: ignore[return-value]
+    return total
 
 
 def term_parts(
@@ -268,6 +269,30 @@ def local_batches(
     return (b for _ in range(spec.epochs) for b in epoch_batches(indices, spec.batch_size, gen))
 
 
+class Classifier(Protocol):
+    """The contract of every classifier of `fedftg.models`:
+    ``forward(x) == classifier(features(x))``, features (B, D), logits (B, C)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def classifier(self, feats: torch.Tensor) -> torch.Tensor: ...
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features and the logits of ``x`` from one pass through classifier ``model``."""
+    net = cast(Classifier, model)  # nn.Module types any attribute as Tensor | Module
+    feats = net.features(x)
+    return feats, net.classifier(feats)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The linear last layer (``classifier``) of classifier ``model``."""
+    head = model.get_submodule("classifier")
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}.classifier is not an nn.Linear")
+    return head
+
+
 def train_local(
     model: nn.Module,
     data: DeviceArrays,
@@ -288,7 +313,7 @@ def train_local(
     model.load_state_dict(ctx.global_state)
     model.train()
     term = combine_terms(method.begin(model, ctx), extra)
-    params = dict(model.named_parameters())
+    params: State = dict(model.named_parameters())
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
@@ -297,10 +322,9 @@ def train_local(
         x, y = data.batch(idx)
         if spec.augment:
             x = augment(x, gen)
-        batch = term.inputs(x, y) if term is not None else None
+        batch = term.inputs(x, y) if term is not None else {}
         with autocast(x.device, spec.precision):
-            feats = model.features(x)
-            logits = model.classifier(feats)
+            feats, logits = features_and_logits(model, x)
             loss = F.cross_entropy(logits, y)
             logged = loss  # what train_loss reports: without a plug-in's part
             if term is not None:
@@ -335,8 +359,7 @@ class _FeaturesLogits(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.net.features(x)
-        return feats, self.net.classifier(feats)
+        return features_and_logits(self.net, x)
 
 
 _TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = (
@@ -374,9 +397,9 @@ def zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def dot(params: State, other: State) -> torch.Tensor:
     """sum over ``other``'s names of <params[n], other[n]>."""
-    return sum((params[n] * other[n]).sum() for n in other)  # type: ignore[return-value]
+    return sum_parts([(params[n] * other[n]).sum() for n in other])
 
 
 def sq_dist(params: State, anchors: State) -> torch.Tensor:
     """||params - anchors||^2 over ``anchors``' names."""
-    return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]
+    return sum_parts([((params[n] - a) ** 2).sum() for n, a in anchors.items()])

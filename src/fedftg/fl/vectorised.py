@@ -103,7 +103,8 @@ def train_local_vmap(
             x, y = data.batch(idx)
             if spec.augment:
                 x = augment(x, gens[k])
-            batch = terms[k].inputs(x, y) if terms[k] is not None else {"x": x, "y": y}
+            term = terms[k]
+            batch = term.inputs(x, y) if term is not None else {"x": x, "y": y}
             groups.setdefault(len(idx), []).append((k, batch))
         active = [k for members in groups.values() for k, _ in members]
         for members in groups.values():
@@ -190,7 +191,7 @@ class _Stepper:
                     logged = loss
         return loss, logged, plugin
 
-    def step(self, rows: list[int], batch: State, first: bool) -> torch.Tensor:
+    def step(self, rows: list[int], batch: State, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Train clients ``rows`` one step on their stacked step inputs ``batch`` (x: (G, B,
         ...), y: (G, B), and a term's prepared inputs); their logged losses and plug-in
         parts."""

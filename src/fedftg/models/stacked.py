@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -130,7 +131,7 @@ class ReloadingModels:
     def all_with_bn_gap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`all` and each model's BatchNorm-statistics gap on ``x``, (K,)."""
         pairs = [
-            with_bn_gap(self._net, lambda s=s: functional_call(self._net, s, (x,)))
+            with_bn_gap(self._net, partial(functional_call, self._net, s, (x,)))
             for s in self._states
         ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

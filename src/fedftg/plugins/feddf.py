@@ -110,7 +110,5 @@ class FedDFServer(GeneratorDistiller):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         counts = held.astype(np.float64)
         y = sample_labels(counts, 1, self.cfg.batch_size, generator, "customized")[0]
-        z = torch.randn(
-            self.cfg.batch_size, self.cfg.nz, generator=generator, device=generator.device
-        )
+        z = torch.randn(self.cfg.batch_size, self.nz, generator=generator, device=generator.device)
         return z.to(self.device), y.to(self.device)

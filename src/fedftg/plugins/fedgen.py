@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedftg.fl.aggregation import State
-from fedftg.fl.client import LocalSpec, Term
+from fedftg.fl.client import LocalSpec, Term, classifier_head
 from fedftg.fl.plugin import PluginEnv
 from fedftg.models import build_model
 from fedftg.models.feature_generator import (
@@ -321,7 +321,7 @@ def prepare_client_inputs(
     """
     stacked = y.dim() == 2
     ys = y if stacked else y.unsqueeze(0)
-    gen_list = list(gens) if stacked else [gens]
+    gen_list = [gens] if isinstance(gens, torch.Generator) else list(gens)
     if len(gen_list) != ys.shape[0]:
         raise ValueError("prepare_client_inputs needs one generator per client")
     k, b = ys.shape
@@ -402,7 +402,7 @@ def seen_label_counts(
 def new_generator(cfg: FedGenSettings, env: PluginEnv) -> FeatureGenerator:
     """The run's round-0 generator, sized for the model's representation, on its device."""
     template = build_model(env.model, env.channels, env.image_size, env.num_classes)
-    dim = template.classifier.in_features
+    dim = classifier_head(template).in_features
     generator = build_generator(cfg, env.dataset, env.channels, env.num_classes, dim, env.seed)
     return generator.to(env.device)
 
@@ -439,7 +439,8 @@ class FedGenServer:
         heads_b = torch.stack([s["classifier.bias"] for s in states])
         student_w = student_b = None
         if cfg.ensemble_beta > 0:
-            student_w, student_b = student.classifier.weight, student.classifier.bias
+            head = classifier_head(student)
+            student_w, student_b = head.weight, head.bias
         return train_generator(
             self.generator,
             self.optimizer,

@@ -129,7 +129,7 @@ class FTGServer(GeneratorDistiller):
         for it in range(cfg.iterations):
             y = labels[it]
             z = torch.randn(
-                cfg.batch_size, cfg.nz, generator=generator, device=generator.device
+                cfg.batch_size, self.nz, generator=generator, device=generator.device
             ).to(dev)
             onehot = self._onehot(y)
             w = alpha[:, y]  # (K, B): teacher k's weight on each sample
