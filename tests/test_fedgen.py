@@ -21,7 +21,6 @@ from fedftg.plugins.fedgen import (
     client_loss,
     client_terms,
     ensemble_logits,
-    federation_labels,
     generative_schedule,
     generator_loss,
     generator_optimizer,
@@ -120,9 +119,8 @@ def test_label_weights_without_prior_zero_for_empty_labels():
     assert q.tolist() == [2]  # a single sample of label 0 is not > 1
 
 
-def test_federation_labels_and_uniform_sampling():
-    labels = federation_labels(np.array([[0, 2, 0, 1], [0, 0, 0, 3]]))
-    assert labels.tolist() == [1, 3]
+def test_uniform_sampling_draws_only_the_given_labels_evenly():
+    labels = torch.tensor([1, 3])
     draws = sample_uniform(labels, 4000, _gen())
     assert set(draws.tolist()) == {1, 3}
     assert abs((draws == 1).float().mean().item() - 0.5) < 0.05

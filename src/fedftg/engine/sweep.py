@@ -119,7 +119,6 @@ def run_sweep(
     base: RunConfig,
     grid: dict[str, list[Any]],
     jobs: int = 1,
-    config_file: str | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every grid point not yet complete; returns one status dict per point.

@@ -210,8 +210,6 @@ class ClientMethod:
     """The base of every client method, and FedAvg itself: no extra term, no state,
     sample-weighted average of the clients' full states."""
 
-    name = "fedavg"
-
     def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Server-side method state, created once per experiment."""
         return {}

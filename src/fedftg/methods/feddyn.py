@@ -28,8 +28,6 @@ class FedDyn(ParameterStateMethod):
     parameters (BatchNorm buffers are plainly averaged).
     """
 
-    name = "feddyn"
-
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
 

@@ -27,8 +27,6 @@ from fedftg.fl.client import (
 class FedProx(ClientMethod):
     """FedProx: local loss + mu/2 * ||w - w_global||^2 over the trained parameters."""
 
-    name = "fedprox"
-
     def __init__(self, mu: float, variant: str = "proximal") -> None:
         self.mu = mu
         self.variant = variant

@@ -25,8 +25,6 @@ class Moon(ClientMethod):
     negative the client's previous local model's (the global model on its first round).
     """
 
-    name = "moon"
-
     def __init__(self, mu: float, tau: float) -> None:
         self.mu = mu
         self.tau = tau

@@ -35,8 +35,6 @@ class Scaffold(ParameterStateMethod):
     ``reference="sent"`` it is the model sent.
     """
 
-    name = "scaffold"
-
     def __init__(
         self,
         server_lr: float = 1.0,

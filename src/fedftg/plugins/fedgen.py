@@ -98,13 +98,6 @@ def label_weights(
     return weights, qualified
 
 
-def federation_labels(counts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The labels some client holds, from the (N, C) counts of all clients: what the
-    authors' clients draw their generated labels from (``available_labels``)."""
-    n = torch.as_tensor(counts)
-    return torch.nonzero(n.sum(dim=0) > 0).flatten()
-
-
 def sample_uniform(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` labels drawn uniformly with replacement from ``labels`` (on its device)."""
     idx = torch.randint(len(labels), (n,), generator=gen, device=gen.device)
