@@ -22,6 +22,7 @@ SKIPPED = {
     "python -m pytest": "the test suite itself",
     "python benchmarks/": "benchmark scripts (tests/test_bench.py and benchmark_scripts.py)",
     "ruff": "the linter: CI runs it",
+    "mypy": "the type checker: CI runs it",
     "flwr": "a Flower federation: tests/test_flower*.py run it on a local SuperLink",
     "fedftg bench": "needs a GPU (--device cuda); tests/test_bench.py runs it on the CPU",
 }
