@@ -106,12 +106,21 @@ class _SumOfTerms:
 
 
 def sum_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sum of a term's parts, in the order `_SumOfTerms` has always added them (from
-    0.0, left to right), so that splitting a term off for logging changes no number."""
+    """The sum of a term's parts (at least one), in the order `_SumOfTerms` has always
+    added them (from 0.0, left to right), so that splitting a term off for logging changes
+    no number."""
+    if not parts:
+        raise ValueError("sum_parts needs at least one part")
     total = 0.0 + parts[0]
     for value in parts[1:]:
         total = total + value
     return total
+
+
+def without_plugin_part(ce: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What ``train_loss`` logs when a plug-in adds a term: the cross-entropy ``ce`` plus
+    every part of the combined term but the plug-in's, the last (`combine_terms`)."""
+    return ce + sum_parts(parts[:-1]) if len(parts) > 1 else ce
 
 
 def term_parts(
@@ -328,7 +337,7 @@ def train_local(
             if term is not None:
                 parts = term.parts(params, feats, logits, batch)
                 loss = loss + sum_parts(parts)
-                logged = loss if extra is None else logged + sum_parts(parts[:-1])
+                logged = loss if extra is None else without_plugin_part(logged, parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip > 0:

@@ -42,6 +42,7 @@ from fedftg.fl.client import (
     param_names,
     sum_parts,
     term_parts,
+    without_plugin_part,
 )
 from fedftg.precision import autocast
 
@@ -186,7 +187,7 @@ class _Stepper:
                 parts = term_parts(self.term_fn, params, client, self.shared, feats, logits, batch)
                 loss = loss + sum_parts(parts)
                 if self.plugin:
-                    logged, plugin = logged + sum_parts(parts[:-1]), parts[-1]
+                    logged, plugin = without_plugin_part(logged, parts), parts[-1]
                 else:
                     logged = loss
         return loss, logged, plugin
