@@ -47,7 +47,8 @@ from fedftg.errors import UserError
 from fedftg.fl.ensemble import class_weights
 from fedftg.models.stacked import StackedModels, Teachers
 from fedftg.plugins.distill import sample_labels, within_class_distance
-from fedftg.plugins.ftg import FTGSettings, distill_loss, ensemble_target
+from fedftg.plugins.ftg import distill_loss, ensemble_target
+from fedftg.plugins.specs.ftg import FTGSettings
 from fedftg.report.files import atomic_write
 from fedftg.seeding import torch_rng
 

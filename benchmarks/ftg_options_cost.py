@@ -25,7 +25,8 @@ import torch
 
 from fedftg.data.sources import load_dataset
 from fedftg.models import build_model
-from fedftg.plugins.ftg import FTGServer, FTGSettings
+from fedftg.plugins.ftg import FTGServer
+from fedftg.plugins.specs.ftg import FTGSettings
 
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},

@@ -148,6 +148,7 @@ def test_method_names_and_alias():
         RunConfig(method=["fedavg", "fedavg"]).validate()
 
 
+@pytest.mark.processes
 def test_console_entry_point_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedftg.cli", "run", "--alpha", "nan", "--out", str(tmp_path)],

@@ -22,6 +22,7 @@ SKIPPED = {
     "python -m pytest": "the test suite itself",
     "python benchmarks/": "benchmark scripts (tests/test_bench.py and benchmark_scripts.py)",
     "ruff": "the linter: CI runs it",
+    "mypy": "the type checker: CI runs it",
     "flwr": "a Flower federation: tests/test_flower*.py run it on a local SuperLink",
     "fedftg bench": "needs a GPU (--device cuda); tests/test_bench.py runs it on the CPU",
 }
@@ -127,6 +128,7 @@ def test_every_documented_fedftg_command_parses(tmp_path, capsys, monkeypatch):
     assert not (REPO / "runs" / "fmnist").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "argvs"), _blocks_with_fedftg(), ids=[w for w, _ in _blocks_with_fedftg()]

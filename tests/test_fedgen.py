@@ -17,13 +17,11 @@ from fedftg.models.feature_generator import FeatureGenerator, generator_dims
 from fedftg.models.stacked import StackedModels
 from fedftg.plugins.fedgen import (
     ClientCoefficients,
-    FedGenSettings,
     build_generator,
     client_coefficients,
     client_loss,
     client_terms,
     ensemble_logits,
-    federation_labels,
     generative_schedule,
     generator_loss,
     generator_optimizer,
@@ -35,6 +33,7 @@ from fedftg.plugins.fedgen import (
     teacher_loss,
     train_generator,
 )
+from fedftg.plugins.specs.fedgen import FedGenSettings
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -124,9 +123,8 @@ def test_label_weights_without_prior_zero_for_empty_labels():
     assert q.tolist() == [2]  # a single sample of label 0 is not > 1
 
 
-def test_federation_labels_and_uniform_sampling():
-    labels = federation_labels(np.array([[0, 2, 0, 1], [0, 0, 0, 3]]))
-    assert labels.tolist() == [1, 3]
+def test_uniform_sampling_draws_only_the_given_labels_evenly():
+    labels = torch.tensor([1, 3])
     draws = sample_uniform(labels, 4000, _gen())
     assert set(draws.tolist()) == {1, 3}
     assert abs((draws == 1).float().mean().item() - 0.5) < 0.05
@@ -557,6 +555,7 @@ def test_fedgen_state_survives_a_checkpoint(digits, tmp_path):
     assert [third[k] for k in keys] == [records[2][k] for k in keys]
 
 
+@pytest.mark.processes
 def test_fedgen_kill_9_and_resume_gives_identical_metrics(tmp_path):
     args = [sys.executable, "-m", "fedftg.cli", "run", "--method", "fedgen", "--rounds", "4"]
     args += ["--clients", "4", "--local-epochs", "1", "--fedgen-ensemble-epochs", "10"]

@@ -66,6 +66,7 @@ def _flwr_run(fed, settings: dict, nodes: int, status: str = "finished:completed
     return output
 
 
+@pytest.mark.processes
 def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, capsys):
     common = {
         "clients": 3,
@@ -288,6 +289,7 @@ def test_flower_app_defaults_are_the_cli_defaults():
     assert differ == {"rounds", "method"}
 
 
+@pytest.mark.processes
 def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):
     import shutil
 
@@ -327,6 +329,7 @@ def test_flower_server_resumes_from_its_checkpoint(simulation, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.processes
 def test_a_diverging_flower_run_stops_with_one_error_line_and_strict_json(simulation, tmp_path):
     settings = {
         "clients": 2,
@@ -353,6 +356,7 @@ def test_a_diverging_flower_run_stops_with_one_error_line_and_strict_json(simula
     assert summary["methods"]["fedavg"]["status"] == "diverged"
 
 
+@pytest.mark.processes
 def test_fewer_supernodes_than_clients_fails_naming_the_missing_partitions(simulation, tmp_path):
     out = tmp_path / "short"
     settings = {
@@ -441,6 +445,7 @@ def test_node_without_partition_id_is_one_error_line(flwr_log):
     assert len([line for line in flwr_log if line.startswith("error: ")]) == 1
 
 
+@pytest.mark.processes
 def test_the_documented_flower_config_step_can_run_twice(tmp_path):
     """docs/usage.md's step that adds the `deploy` connection keeps config.toml valid."""
     import re

@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+pytestmark = pytest.mark.processes  # a SuperLink, SuperNodes and `flwr run` each test
+
 from flower_federation import available, running  # noqa: E402
 
 

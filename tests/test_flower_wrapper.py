@@ -427,6 +427,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     pytest.fail(f"the simulation SuperLink did not listen on {port}")
 
 
+@pytest.mark.processes
 def test_example_app_runs_two_rounds_with_flwr_run_in_simulation(tmp_path):
     bin_dir = Path(sys.executable).parent
     flwr = shutil.which("flwr", path=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")

@@ -15,15 +15,16 @@ from torch import nn
 from fedftg.errors import UserError
 from fedftg.fl.ensemble import class_weights
 from fedftg.plugins.distill import diversity_loss, sample_labels, within_class_distance
-from fedftg.plugins.feddf import FedDFServer, FedDFSettings
+from fedftg.plugins.feddf import FedDFServer
 from fedftg.plugins.ftg import (
     FTGServer,
-    FTGSettings,
     cls_loss,
     distill_loss,
     ensemble_target,
     md_loss,
 )
+from fedftg.plugins.specs.feddf import FedDFSettings
+from fedftg.plugins.specs.ftg import FTGSettings
 
 C = 4
 

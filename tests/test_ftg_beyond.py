@@ -26,8 +26,10 @@ from fedftg.models.bn_stats import (
 )
 from fedftg.models.stacked import ReloadingModels, StackedModels
 from fedftg.plugins.distill import EMA, ema_update, sample_labels
-from fedftg.plugins.feddf import FedDFServer, FedDFSettings
-from fedftg.plugins.ftg import FTGServer, FTGSettings
+from fedftg.plugins.feddf import FedDFServer
+from fedftg.plugins.ftg import FTGServer
+from fedftg.plugins.specs.feddf import FedDFSettings
+from fedftg.plugins.specs.ftg import FTGSettings
 
 COUNTS = np.array(
     [

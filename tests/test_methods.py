@@ -177,11 +177,6 @@ def test_scaffold_reference_after_a_server_step(reference):
     assert not torch.allclose(aggregate[names[0]], ctx.global_state[names[0]])
 
 
-def test_scaffold_rejects_an_unknown_reference():
-    with pytest.raises(ValueError, match="reference"):
-        Scaffold(reference="previous")
-
-
 def test_methods_without_pre_step_state_ignore_the_server_step():
     torch.manual_seed(0)
     model = TinyNet()

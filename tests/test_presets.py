@@ -188,6 +188,7 @@ def test_fedprox_authors_variant_is_fedavg_with_mu_added_to_the_weight_decay():
     assert not torch.allclose(authors, proximal)
 
 
+@pytest.mark.processes
 def test_print_config_into_a_closed_pipe_is_not_a_traceback():
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedftg.cli", "run", "--preset", "paper-cifar10", "--print-config"],

@@ -189,6 +189,7 @@ def test_a_setting_for_a_method_not_run_is_refused_in_files_and_on_flower(tmp_pa
         grid_points(RunConfig(method=["fedavg"]), {"ftg.gen_lr": [0.01, 0.001]})
 
 
+@pytest.mark.processes
 def test_report_does_not_import_the_engine():
     code = (
         "import sys, fedftg.report.report; "

@@ -64,6 +64,7 @@ def reference(tmp_path_factory) -> Path:
     return ref
 
 
+@pytest.mark.processes
 def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(reference, tmp_path):
     ref = reference
     expected = _metrics(ref)
@@ -88,6 +89,7 @@ def test_kill_9_at_a_random_round_then_resume_gives_identical_metrics(reference,
         assert summary["methods"][name]["final_acc"] == ref_summary["methods"][name]["final_acc"]
 
 
+@pytest.mark.processes
 def test_sigterm_checkpoints_exits_143_and_resumes_identically(reference, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen(
@@ -107,6 +109,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(reference, tmp_pa
     assert _metrics(out) == _metrics(reference)
 
 
+@pytest.mark.processes
 def test_checkpoint_from_other_settings_is_refused_with_or_without_resume(tmp_path):
     out = tmp_path / "o"
     subprocess.run(_cli(out), check=True, env=_env(), capture_output=True, timeout=600)

@@ -58,6 +58,7 @@ def _ended(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+@pytest.mark.processes
 def test_a_held_run_directory_refuses_a_second_run_at_once(tmp_path, capsys):
     out = tmp_path / "run"
     args = [*FEDAVG, "--rounds", "6", "--out", str(out)]
@@ -175,6 +176,7 @@ def test_a_failed_report_leaves_no_empty_folder(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_sweep_killed_with_kill_9_leaves_no_point_running(tmp_path):
     out = tmp_path / "sweep"

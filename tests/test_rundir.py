@@ -226,6 +226,7 @@ def test_the_flower_server_refuses_a_directory_of_other_settings(finished, tmp_p
     assert _snapshot(out) == before
 
 
+@pytest.mark.processes
 def test_both_engines_write_the_same_files(tmp_path, capsys):
     pytest.importorskip("flwr")
     from flower_federation import available, running  # its SuperLink + SuperNodes

@@ -10,8 +10,10 @@ import torch
 
 from fedftg.models import build_model
 from fedftg.models.stacked import ReloadingModels, StackedModels, as_teachers
-from fedftg.plugins.feddf import FedDFServer, FedDFSettings
-from fedftg.plugins.ftg import FTGServer, FTGSettings
+from fedftg.plugins.feddf import FedDFServer
+from fedftg.plugins.ftg import FTGServer
+from fedftg.plugins.specs.feddf import FedDFSettings
+from fedftg.plugins.specs.ftg import FTGSettings
 
 
 def _clients(name: str, k: int, channels: int, size: int) -> list[torch.nn.Module]:

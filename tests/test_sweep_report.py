@@ -76,6 +76,7 @@ def test_report_makes_plug_in_settings_variants_of_the_methods_that_use_them(tmp
     assert "## alpha=0.1\n" in md and "## alpha=0.9\n" in md
 
 
+@pytest.mark.processes
 def test_sweep_skips_finished_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = [

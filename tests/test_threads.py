@@ -30,6 +30,7 @@ def test_shared_cores_wait_passively():
     assert plan_threads(8, jobs=2) == ThreadPlan(4, "passive", "cores")  # sweep siblings
 
 
+@pytest.mark.processes
 def test_another_process_running_is_seen_at_once():
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -112,6 +113,7 @@ def _run(args: list[str], out: Path, env: dict[str, str]) -> dict:
     return json.loads((out / "config.json").read_text())["environment"]
 
 
+@pytest.mark.processes
 def test_a_run_records_the_threads_and_wait_policy_in_force(tmp_path):
     env = _run(["--threads", "1"], tmp_path / "a", {"OMP_WAIT_POLICY": "passive"})
     assert env["torch_threads"] == 1 and env["omp_wait_policy"] == "passive"
@@ -147,6 +149,7 @@ LIGHT = [
 HEAVY = ("torch", "matplotlib", "sklearn", "flwr")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args", LIGHT, ids=" ".join)
 def test_commands_that_need_no_tensors_do_not_load_torch(args):
     code = f"""

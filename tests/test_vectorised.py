@@ -25,6 +25,7 @@ from fedftg.fl.client import (
     train_local,
 )
 from fedftg.fl.vectorised import train_local_vmap
+from fedftg.methods.moon import Moon
 from fedftg.models import build_model
 from test_methods import TinyNet
 
@@ -58,7 +59,7 @@ def _contexts(model: nn.Module, method: ClientMethod, n: int, seed: int) -> list
     server = noisy(method.init_server_state(model), 0.1)
     out = []
     for k in range(n):
-        if method.name == "moon":  # the first client has no previous model yet
+        if isinstance(method, Moon):  # the first client has no previous model yet
             client = {} if k == 0 else noisy(init, 0.2)
         else:
             client = noisy(method.init_client_state(model), 0.1)

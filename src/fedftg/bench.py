@@ -43,7 +43,8 @@ from fedftg.errors import UserError
 from fedftg.fl.aggregation import State, weighted_average
 from fedftg.fl.client import detached_state
 from fedftg.models import MODELS
-from fedftg.plugins.ftg import FTGSettings
+from fedftg.plugins.ftg import FTGServer
+from fedftg.plugins.specs.ftg import FTGSettings
 from fedftg.seeding import numpy_rng, torch_rng
 
 COMMANDS = ("ftg-step", "round")
@@ -263,6 +264,8 @@ def ftg_step_unit(setup: Setup, teachers: list[nn.Module], student: nn.Module) -
     def run() -> tuple[float, State]:
         net = copy.deepcopy(student)
         server = server_plugin(cfg, "ftg", setup.dataset, dev)
+        if not isinstance(server, FTGServer):  # its step also takes the teachers as a list
+            raise TypeError(f"the ftg plug-in built {type(server).__name__}, not FTGServer")
         gen = torch_rng(cfg.seed, "server", 0, device=dev)
         seconds = timed(lambda: server.step(net, teachers, counts, 0, gen), dev)
         return seconds, _params(net)

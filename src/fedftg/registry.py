@@ -48,8 +48,9 @@ def _discover() -> None:
             if isinstance(getattr(module, "PLUGIN", None), PluginSpec):
                 found_plugins.append(module.PLUGIN)
     seen: set[str] = set()
-    for spec in [*found_methods, *found_plugins]:
-        names = {spec.name} | ({spec.alias} if getattr(spec, "alias", None) else set())
+    taken = [{m.name} for m in found_methods]  # each spec's names: a plug-in's alias too
+    taken += [{p.name} | ({p.alias} if p.alias else set()) for p in found_plugins]
+    for names in taken:
         clash = names & seen
         if clash or any("+" in n or "." in n for n in names):
             raise RuntimeError(f"method/plug-in name {sorted(clash or names)} is taken or invalid")

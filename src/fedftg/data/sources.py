@@ -574,9 +574,11 @@ def extract_cifar(src: CifarSource, archive: Path, folder: Path) -> None:
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
-                if member.isfile() and member.name in wanted:
+                wanted_file = member.isfile() and member.name in wanted  # never a link
+                source = tar.extractfile(member) if wanted_file else None
+                if source is not None:
                     with (
-                        tar.extractfile(member) as fh,
+                        source as fh,
                         (tmp / wanted[member.name]).open("wb") as out,
                     ):
                         shutil.copyfileobj(fh, out)

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from fedftg.engine.dirlock import LOCK_NAME, DirLock, LockHeld
 from fedftg.engine.records import RoundRecord
 from fedftg.engine.server import ServerRunner
 from fedftg.errors import UserError
+from fedftg.fl.plugin import WithSamples
 from fedftg.legacy import OLD_RUN_FILES, round_candidates, rows_covered
 from fedftg.plugins.distill import within_class_distance
 from fedftg.report.files import (
@@ -519,11 +520,11 @@ class RunDir:
     def end_round(self, method: str, runner: ServerRunner, force: bool = False) -> None:
         """After each round: note a method that has finished, checkpoint every
         ``checkpoint_every`` rounds, at a method's last round and when ``force``d."""
-        round_, every = runner.state.round, self.cfg.checkpoint_every
-        finished = round_ >= self.cfg.rounds
+        round_num, every = runner.state.round, self.cfg.checkpoint_every  # rounds done
+        finished = round_num >= self.cfg.rounds
         if finished:
             self._note_finished(method, runner)
-        if force or (every and (round_ % every == 0 or finished)):
+        if force or (every and (round_num % every == 0 or finished)):
             current = None if finished else runner.checkpoint_state()
             self._save(method if current is not None else None, current)
 
@@ -582,7 +583,8 @@ class RunDir:
         their within-class spread against real images' (`spread_note`)."""
         gen = torch.Generator(device=runner.device)
         gen.manual_seed(self.cfg.seed)
-        images, labels = runner.plugin.sample_images(SAMPLES_PER_CLASS, gen)  # type: ignore[union-attr]
+        plugin = cast(WithSamples, runner.plugin)  # its spec declares samples
+        images, labels = plugin.sample_images(SAMPLES_PER_CLASS, gen)
         if not bool(torch.isfinite(images).all()):
             _stderr_warning(f"{path} not written: the generator's images are not finite")
             return

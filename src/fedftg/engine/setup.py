@@ -137,7 +137,7 @@ def client_half(
     cfg: RunConfig, name: str | None, ds: Dataset, device: torch.device
 ) -> ClientHalf | None:
     """The client half of plug-in ``name``, if it has one (see `fedftg.fl.plugin`)."""
-    if name is None or registry.plugin(name).client is None:
+    factory = None if name is None else registry.plugin(name).client
+    if name is None or factory is None:
         return None
-    factory = registry.plugin(name).client
     return factory(cfg.sections[name], plugin_env(cfg, ds, device))

@@ -124,7 +124,6 @@ def run_sweep(
     base: RunConfig,
     points: list[tuple[str, RunConfig]],
     jobs: int = 1,
-    config_file: str | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point (`grid_points` of ``base``) not yet complete; returns one status
@@ -156,7 +155,7 @@ def run_sweep(
         cmd = [
             sys.executable,
             "-m",
-            "fedftg.engine.sweep",  # `child_main`: `fedftg run` that ends with this process
+            "fedftg.sweep_point",  # `fedftg run` that ends with this process
             str(os.getpid()),
             "run",  # not a terminal: its log gets one progress line per round
             "--config-json",
@@ -208,15 +207,3 @@ def follow_parent(parent: int, poll_s: float = 1.0) -> None:
         threading.Thread(target=watch, name="follow-parent", daemon=True).start()
     if os.getppid() != parent:
         os.kill(me, signal.SIGTERM)
-
-
-def child_main(argv: list[str]) -> int:
-    """A sweep point's process: ``argv`` is the sweep's pid, then `fedftg`'s arguments."""
-    follow_parent(int(argv[0]))
-    from fedftg.cli import main
-
-    return main(argv[1:])
-
-
-if __name__ == "__main__":  # pragma: no cover - the child process of `run_sweep`
-    raise SystemExit(child_main(sys.argv[1:]))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-State = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]  # the one state-dict alias (see `fedftg.fl`)
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,9 @@ from fedftg.fl.aggregation import State, weighted_average
 from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 
-Tensors = dict[str, torch.Tensor]
 # fn(params, client, shared, features, logits, batch) -> extra loss term; batch holds the
 # step's inputs "x" (as the model sees them, augmented) and "y", and what `Term.prepare` adds
-TermFn = Callable[[Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor, Tensors], torch.Tensor]
+TermFn = Callable[[State, State, State, torch.Tensor, torch.Tensor, State], torch.Tensor]
 
 
 @dataclass
@@ -46,22 +46,22 @@ class Term:
     """
 
     fn: TermFn
-    client: Tensors = field(default_factory=dict)
-    shared: Tensors = field(default_factory=dict)
-    prepare: Callable[[torch.Tensor, torch.Tensor], Tensors] | None = None
+    client: State = field(default_factory=dict)
+    shared: State = field(default_factory=dict)
+    prepare: Callable[[torch.Tensor, torch.Tensor], State] | None = None
 
-    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> Tensors:
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> State:
         """The per-step ``batch`` of ``fn``: x, y and what ``prepare`` adds."""
         extra = self.prepare(x, y) if self.prepare is not None else {}
         return {"x": x, "y": y, **extra}
 
     def __call__(
-        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
+        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
     ) -> torch.Tensor:
         return self.fn(params, self.client, self.shared, feats, logits, batch)
 
     def parts(
-        self, params: Tensors, feats: torch.Tensor, logits: torch.Tensor, batch: Tensors
+        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
     ) -> tuple[torch.Tensor, ...]:
         """The values of the summed terms of `combine_terms` (one value for a plain term),
         so that a plug-in's part can be logged apart from the method's."""
@@ -76,23 +76,23 @@ class _SumOfTerms:
 
     def __call__(
         self,
-        params: Tensors,
-        client: Tensors,
-        shared: Tensors,
+        params: State,
+        client: State,
+        shared: State,
         feats: torch.Tensor,
         logits: torch.Tensor,
-        batch: Tensors,
+        batch: State,
     ) -> torch.Tensor:
         return sum_parts(self.parts(params, client, shared, feats, logits, batch))
 
     def parts(
         self,
-        params: Tensors,
-        client: Tensors,
-        shared: Tensors,
+        params: State,
+        client: State,
+        shared: State,
         feats: torch.Tensor,
         logits: torch.Tensor,
-        batch: Tensors,
+        batch: State,
     ) -> tuple[torch.Tensor, ...]:
         """Each part's value, in the order of `combine_terms`' arguments."""
         values = []
@@ -106,22 +106,31 @@ class _SumOfTerms:
 
 
 def sum_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sum of a term's parts, in the order `_SumOfTerms` has always added them (from
-    0.0, left to right), so that splitting a term off for logging changes no number."""
-    total: torch.Tensor | float = 0.0
-    for value in parts:
+    """The sum of a term's parts (at least one), in the order `_SumOfTerms` has always
+    added them (from 0.0, left to right), so that splitting a term off for logging changes
+    no number."""
+    if not parts:
+        raise ValueError("sum_parts needs at least one part")
+    total = 0.0 + parts[0]
+    for value in parts[1:]:
         total = total + value
-    return total  # type: ignore[return-value]
+    return total
+
+
+def without_plugin_part(ce: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What ``train_loss`` logs when a plug-in adds a term: the cross-entropy ``ce`` plus
+    every part of the combined term but the plug-in's, the last (`combine_terms`)."""
+    return ce + sum_parts(parts[:-1]) if len(parts) > 1 else ce
 
 
 def term_parts(
     fn: TermFn,
-    params: Tensors,
-    client: Tensors,
-    shared: Tensors,
+    params: State,
+    client: State,
+    shared: State,
     feats: torch.Tensor,
     logits: torch.Tensor,
-    batch: Tensors,
+    batch: State,
 ) -> tuple[torch.Tensor, ...]:
     """A term function's parts: those of a `combine_terms` sum, else the one value."""
     if isinstance(fn, _SumOfTerms):
@@ -129,11 +138,11 @@ def term_parts(
     return (fn(params, client, shared, feats, logits, batch),)
 
 
-def _part(tensors: Tensors, prefix: str) -> Tensors:
+def _part(tensors: State, prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _prefixed(dicts: Sequence[Tensors]) -> Tensors:
+def _prefixed(dicts: Sequence[State]) -> State:
     return {f"{i}.{k}": v for i, d in enumerate(dicts) for k, v in d.items()}
 
 
@@ -149,7 +158,7 @@ def combine_terms(*terms: Term | None) -> Term | None:
         return present[0] if present else None
     preparers = [(i, t.prepare) for i, t in enumerate(present) if t.prepare is not None]
 
-    def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> State:
         return {f"{i}.{k}": v for i, p in preparers for k, v in p(x, y).items()}
 
     return Term(
@@ -210,8 +219,6 @@ class ClientMethod:
     """The base of every client method, and FedAvg itself: no extra term, no state,
     sample-weighted average of the clients' full states."""
 
-    name = "fedavg"
-
     def init_server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Server-side method state, created once per experiment."""
         return {}
@@ -269,6 +276,30 @@ def local_batches(
     return (b for _ in range(spec.epochs) for b in epoch_batches(indices, spec.batch_size, gen))
 
 
+class Classifier(Protocol):
+    """The contract of every classifier of `fedftg.models`:
+    ``forward(x) == classifier(features(x))``, features (B, D), logits (B, C)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def classifier(self, feats: torch.Tensor) -> torch.Tensor: ...
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features and the logits of ``x`` from one pass through classifier ``model``."""
+    net = cast(Classifier, model)  # nn.Module types any attribute as Tensor | Module
+    feats = net.features(x)
+    return feats, net.classifier(feats)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The linear last layer (``classifier``) of classifier ``model``."""
+    head = model.get_submodule("classifier")
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}.classifier is not an nn.Linear")
+    return head
+
+
 def train_local(
     model: nn.Module,
     data: DeviceArrays,
@@ -289,7 +320,7 @@ def train_local(
     model.load_state_dict(ctx.global_state)
     model.train()
     term = combine_terms(method.begin(model, ctx), extra)
-    params = dict(model.named_parameters())
+    params: State = dict(model.named_parameters())
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
@@ -298,16 +329,15 @@ def train_local(
         x, y = data.batch(idx)
         if spec.augment:
             x = augment(x, gen)
-        batch = term.inputs(x, y) if term is not None else None
+        batch = term.inputs(x, y) if term is not None else {}
         with autocast(x.device, spec.precision):
-            feats = model.features(x)
-            logits = model.classifier(feats)
+            feats, logits = features_and_logits(model, x)
             loss = F.cross_entropy(logits, y)
             logged = loss  # what train_loss reports: without a plug-in's part
             if term is not None:
                 parts = term.parts(params, feats, logits, batch)
                 loss = loss + sum_parts(parts)
-                logged = loss if extra is None else logged + sum_parts(parts[:-1])
+                logged = loss if extra is None else without_plugin_part(logged, parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip > 0:
@@ -336,8 +366,7 @@ class _FeaturesLogits(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.net.features(x)
-        return feats, self.net.classifier(feats)
+        return features_and_logits(self.net, x)
 
 
 _TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = (
@@ -358,7 +387,7 @@ def functional_template(model: nn.Module, train: bool) -> nn.Module:
 
 
 def call_model(
-    template: nn.Module, state: Tensors, x: torch.Tensor
+    template: nn.Module, state: State, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) of the model with parameters and buffers ``state`` on ``x``.
 
@@ -373,11 +402,11 @@ def zeros_like_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
 
 
-def dot(params: Tensors, other: Tensors) -> torch.Tensor:
+def dot(params: State, other: State) -> torch.Tensor:
     """sum over ``other``'s names of <params[n], other[n]>."""
-    return sum((params[n] * other[n]).sum() for n in other)  # type: ignore[return-value]
+    return sum_parts([(params[n] * other[n]).sum() for n in other])
 
 
-def sq_dist(params: Tensors, anchors: Tensors) -> torch.Tensor:
+def sq_dist(params: State, anchors: State) -> torch.Tensor:
     """||params - anchors||^2 over ``anchors``' names."""
-    return sum(((params[n] - a) ** 2).sum() for n, a in anchors.items())  # type: ignore[return-value]
+    return sum_parts([((params[n] - a) ** 2).sum() for n, a in anchors.items()])

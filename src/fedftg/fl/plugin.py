@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedftg.fl.client import LocalSpec, Tensors, Term
+from fedftg.fl.aggregation import State
+from fedftg.fl.client import LocalSpec, Term
 from fedftg.models.stacked import Teachers
 
 
@@ -70,7 +71,7 @@ class ServerPlugin(Protocol):
 class WithClientHalf(ServerPlugin, Protocol):
     """A server side whose plug-in has a client half."""
 
-    def client_payload(self, round_idx: int) -> Tensors:
+    def client_payload(self, round_idx: int) -> State:
         """What every client selected in round ``round_idx`` receives (CPU or device
         tensors; sent before the round's local training)."""
         ...
@@ -90,7 +91,7 @@ class ClientHalf(Protocol):
     def term(
         self,
         model: nn.Module,
-        payload: Tensors,
+        payload: State,
         histogram: np.ndarray,
         round_idx: int,
         spec: LocalSpec,

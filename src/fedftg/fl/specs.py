@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from fedftg.settings import Settings
 
@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from fedftg.fl.client import ClientMethod
     from fedftg.fl.plugin import ClientHalf, PluginEnv, ServerPlugin
 
+M = TypeVar("M", bound="Settings | None")  # a method's settings class (None: it has none)
+P = TypeVar("P", bound=Settings)  # a plug-in's settings class
+
 
 @dataclass(frozen=True)
-class MethodSpec:
+class MethodSpec(Generic[M]):
     """A client method: local objective term, client/server state, aggregation rule.
 
     ``build(settings, cfg)`` makes the method from its settings (None when it has none) and
@@ -29,19 +32,19 @@ class MethodSpec:
 
     name: str
     summary: str
-    build: Callable[[Settings | None, RunConfig], ClientMethod]
-    settings: type[Settings] | None = None
+    build: Callable[[M, RunConfig], ClientMethod]
+    settings: type[M] | None = None
     order: int = 100
 
 
 @dataclass(frozen=True)
-class PluginSpec:
+class PluginSpec(Generic[P]):
     """A server plug-in, run after aggregation each round, with an optional client half.
 
     ``server(settings, env)`` makes the server side (`fedftg.fl.plugin.ServerPlugin`).
     ``client(settings, env)``, when given, makes the client half
     (`fedftg.fl.plugin.ClientHalf`): the server side then also provides
-    ``client_payload(round)``, sent to the round's clients, and the half turns it into a
+    ``client_payload(round_idx)``, sent to the round's clients, and the half turns it into a
     term of the client's local loss. ``alias`` names the plug-in on FedAvg (``fedftg``).
     ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
     directory gets a figure of generated samples. ``fine_tunes``: the server step changes
@@ -51,9 +54,9 @@ class PluginSpec:
 
     name: str
     summary: str
-    settings: type[Settings]
-    server: Callable[[Settings, PluginEnv], ServerPlugin]
-    client: Callable[[Settings, PluginEnv], ClientHalf] | None = None
+    settings: type[P]
+    server: Callable[[P, PluginEnv], ServerPlugin]
+    client: Callable[[P, PluginEnv], ClientHalf] | None = None
     alias: str | None = None
     samples: bool = False
     fine_tunes: bool = True

@@ -28,12 +28,12 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from fedftg.data.batches import DeviceArrays, augment
+from fedftg.fl.aggregation import State
 from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     LocalResult,
     LocalSpec,
-    Tensors,
     Term,
     call_model,
     combine_terms,
@@ -42,6 +42,7 @@ from fedftg.fl.client import (
     param_names,
     sum_parts,
     term_parts,
+    without_plugin_part,
 )
 from fedftg.precision import autocast
 
@@ -95,7 +96,7 @@ def train_local_vmap(
     plugin_sums = torch.zeros(n_clients, dtype=torch.float64, device=device)
     active = list(range(n_clients))
     while active:
-        groups: dict[int, list[tuple[int, Tensors]]] = {}
+        groups: dict[int, list[tuple[int, State]]] = {}
         for k in active:
             idx = next(iters[k], None)
             if idx is None:
@@ -103,7 +104,8 @@ def train_local_vmap(
             x, y = data.batch(idx)
             if spec.augment:
                 x = augment(x, gens[k])
-            batch = terms[k].inputs(x, y) if terms[k] is not None else {"x": x, "y": y}
+            term = terms[k]
+            batch = term.inputs(x, y) if term is not None else {"x": x, "y": y}
             groups.setdefault(len(idx), []).append((k, batch))
         active = [k for members in groups.values() for k, _ in members]
         for members in groups.values():
@@ -143,7 +145,7 @@ class _Stepper:
         self,
         model: nn.Module,
         trained: list[str],
-        stacks: Tensors,
+        stacks: State,
         terms: list[Term | None],
         spec: LocalSpec,
         plugin: bool = False,
@@ -152,15 +154,15 @@ class _Stepper:
         self.trained = trained
         self.plugin = plugin
         self.stacks = stacks  # every parameter and buffer, (K, ...); updated in place
-        self.momentum: Tensors = {}
+        self.momentum: State = {}
         self.spec = spec
         self.n_clients = len(terms)
         self.template = functional_template(model, train=True)
         # one method for all clients: the same term function; shared inputs are the same
         # global model; per-client inputs are stacked
         self.term_fn = None
-        self.shared: Tensors = {}
-        self.client: Tensors = {}
+        self.shared: State = {}
+        self.client: State = {}
         present = [t for t in terms if t is not None]
         if present and len(present) != len(terms):
             raise ValueError("a method must give every client a term, or none")
@@ -171,7 +173,7 @@ class _Stepper:
             }
 
     def _loss(
-        self, params: Tensors, others: Tensors, client: Tensors, batch: Tensors
+        self, params: State, others: State, client: State, batch: State
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One client's loss on its batch (the body of `train_local`'s step), the part of it
         train_loss reports, and a plug-in's part (0 without one)."""
@@ -185,12 +187,12 @@ class _Stepper:
                 parts = term_parts(self.term_fn, params, client, self.shared, feats, logits, batch)
                 loss = loss + sum_parts(parts)
                 if self.plugin:
-                    logged, plugin = logged + sum_parts(parts[:-1]), parts[-1]
+                    logged, plugin = without_plugin_part(logged, parts), parts[-1]
                 else:
                     logged = loss
         return loss, logged, plugin
 
-    def step(self, rows: list[int], batch: Tensors, first: bool) -> torch.Tensor:
+    def step(self, rows: list[int], batch: State, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Train clients ``rows`` one step on their stacked step inputs ``batch`` (x: (G, B,
         ...), y: (G, B), and a term's prepared inputs); their logged losses and plug-in
         parts."""
@@ -235,7 +237,7 @@ class _Stepper:
         return logged.detach(), plugin.detach()
 
     @staticmethod
-    def _put(stacks: Tensors, name: str, sel: torch.Tensor | None, value: torch.Tensor) -> None:
+    def _put(stacks: State, name: str, sel: torch.Tensor | None, value: torch.Tensor) -> None:
         if sel is None:
             stacks[name] = value
         else:

@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 
 from fedftg.config import RunConfig
 from fedftg.data.batches import DeviceArrays
-from fedftg.data.sources import load_dataset
+from fedftg.data.partition import Partition
+from fedftg.data.sources import Dataset, load_dataset
 from fedftg.engine.checkpoint import config_fingerprint
 from fedftg.engine.clients import client_task, label_histogram, local_spec, train_clients
 from fedftg.engine.setup import client_half, client_method, resolve_device, split_clients
@@ -45,10 +46,10 @@ class NodeData:
     train: DeviceArrays
     indices: torch.Tensor
     histogram: list[int]
-    dataset: object
+    dataset: Dataset
 
 
-_DATASETS: dict[str, tuple[object, object]] = {}
+_DATASETS: dict[str, tuple[Dataset, Partition]] = {}
 _NODES: dict[tuple[str, int], NodeData] = {}
 
 
@@ -119,34 +120,35 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    cfg = config_from_json(str(msg.content["config"]["run"]))
-    t = int(msg.content["config"]["round"])
-    base = str(msg.content["config"]["base"])
+    config = msg.content.config_records["config"]
+    cfg = config_from_json(str(config["run"]))
+    round_idx = _config_int(config, "round")
+    base = str(config["base"])
     pid = partition_id(context)
     data = node_data(cfg, pid)
     ds = data.dataset
     device = data.train.y.device
     model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes).to(device)
     method = client_method(cfg, base)
-    state_key = f"{CLIENT_STATE_KEY}-{msg.content['config']['method']}"
+    state_key = f"{CLIENT_STATE_KEY}-{config['method']!s}"
     if state_key in context.state:
-        client_state = from_record(context.state[state_key], device)
+        client_state = from_record(context.state.array_records[state_key], device)
     else:
         client_state = method.init_client_state(model)
     ctx = LocalContext(
-        global_state=from_record(msg.content["global"], device),
+        global_state=from_record(msg.content.array_records["global"], device),
         client_state=client_state,
-        server_state=from_record(msg.content["server"], device),
+        server_state=from_record(msg.content.array_records["server"], device),
         num_clients=cfg.clients,
     )
-    spec = local_spec(cfg, ds, t)
+    spec = local_spec(cfg, ds, round_idx)
     half, payload = None, {}
     if "plugin" in msg.content:  # a plug-in with a client half (FedGen): its loss term
-        half = client_half(cfg, str(msg.content["config"]["plugin"]), ds, device)
-        payload = from_record(msg.content["plugin"], device)
+        half = client_half(cfg, str(config["plugin"]), ds, device)
+        payload = from_record(msg.content.array_records["plugin"], device)
     labels = data.train.y[data.indices]
     task = client_task(
-        cfg, ds.num_classes, model, half, payload, labels, data.indices, ctx, t, pid, spec
+        cfg, ds.num_classes, model, half, payload, labels, data.indices, ctx, round_idx, pid, spec
     )
     (result,) = train_clients(model, data.train, method, [task], spec)
     context.state[state_key] = to_record(ctx.client_state)
@@ -169,6 +171,14 @@ def _train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _config_int(config: ConfigRecord, key: str) -> int:
+    """The integer ``key`` of the train message's config (the server sends one)."""
+    value = config[key]
+    if not isinstance(value, int):
+        raise TypeError(f"train message: config {key!r} is not an integer: {value!r}")
+    return value
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

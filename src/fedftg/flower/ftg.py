@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,6 +47,13 @@ log = logging.getLogger("flwr")
 
 HISTOGRAM_KEY = "label-histogram"  # the reply's ConfigRecord holding ``counts``
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@runtime_checkable
+class _KeepsArrays(Protocol):
+    """A strategy that keeps the model it returned (FedAvgM, FedAdam, ...)."""
+
+    current_arrays: ArrayRecord | None
 
 
 def step_plugins() -> tuple[str, ...]:
@@ -210,9 +217,10 @@ class FTGStrategy(Strategy):
             metrics[f"{prefix}-skipped"] = 1
             return arrays, metrics
         tuned = self._step(server_round, arrays, teachers, metrics)
-        if getattr(self.strategy, "current_arrays", None) is arrays:
+        keeper = self.strategy
+        if isinstance(keeper, _KeepsArrays) and keeper.current_arrays is arrays:
             # a strategy that keeps the model it returned (FedAvgM) now keeps the tuned one
-            self.strategy.current_arrays = tuned  # type: ignore[attr-defined]
+            keeper.current_arrays = tuned
         return tuned, metrics
 
     def _screen(
@@ -288,12 +296,11 @@ class FTGStrategy(Strategy):
     ) -> ArrayRecord:
         """Run the server step on the aggregate ``arrays``; the step's metrics go into
         ``metrics``; returns the fine-tuned arrays."""
-        prefix, t = self.plugin_name, server_round - 1
+        prefix, round_idx = self.plugin_name, server_round - 1
         start = time.perf_counter()
         dev = self.device
         self.model.load_state_dict({k: v.to(dev) for k, v in arrays.to_torch_state_dict().items()})
-        if self.evaluate_fn is not None:
-            self._evaluate(server_round, arrays, f"{prefix}-before", metrics)
+        self._evaluate(server_round, arrays, f"{prefix}-before", metrics)
         like = self.model.state_dict()  # the teachers in the model's dtypes (a float64 upload)
         states = [
             {k: v.to(device=dev, dtype=like[k].dtype) for k, v in rec.to_torch_state_dict().items()}
@@ -301,20 +308,22 @@ class FTGStrategy(Strategy):
         ]
         counts = np.stack([h for _, _, h in teachers])
         stack = StackedModels(self.model, states)
-        losses = plugin_step(self.plugin, self.model, stack, counts, self.seed, t, dev)
+        losses = plugin_step(self.plugin, self.model, stack, counts, self.seed, round_idx, dev)
         for name, value in losses.items():
             if math.isfinite(value):
                 metrics[f"{prefix}-{name.replace('_', '-')}"] = float(value)
         tuned = to_record(self.model.state_dict())
         metrics[f"{prefix}-server-s"] = time.perf_counter() - start
-        if self.evaluate_fn is not None:
-            self._evaluate(server_round, tuned, f"{prefix}-after", metrics)
+        self._evaluate(server_round, tuned, f"{prefix}-after", metrics)
         return tuned
 
     def _evaluate(
         self, server_round: int, arrays: ArrayRecord, prefix: str, metrics: MetricRecord
     ) -> None:
-        result = self.evaluate_fn(server_round, arrays)  # type: ignore[misc]
+        """The metrics of ``evaluate_fn`` (when given) on ``arrays``, under ``prefix``."""
+        if self.evaluate_fn is None:
+            return
+        result = self.evaluate_fn(server_round, arrays)
         for name, value in (result or {}).items():
             if isinstance(value, (int, float)):
                 metrics[f"{prefix}-{name}"] = value

@@ -12,7 +12,6 @@ from fedftg.fl.client import (
     LocalContext,
     LocalResult,
     ParameterStateMethod,
-    Tensors,
     Term,
     dot,
     param_names,
@@ -29,8 +28,6 @@ class FedDyn(ParameterStateMethod):
     parameters (BatchNorm buffers are plainly averaged).
     """
 
-    name = "feddyn"
-
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
 
@@ -42,7 +39,7 @@ class FedDyn(ParameterStateMethod):
             shared={n: ctx.global_state[n] for n in names},
         )
 
-    def _term(self, params: Tensors, client: Tensors, shared: Tensors, *_: object) -> torch.Tensor:
+    def _term(self, params: State, client: State, shared: State, *_: object) -> torch.Tensor:
         return -dot(params, client) + 0.5 * self.alpha * sq_dist(params, shared)
 
     def finish(

@@ -56,8 +56,6 @@ def normalised_average(
 class FedNova(ClientMethod):
     """FedAvg's clients; the server normalises each client's change by its local steps."""
 
-    name = "fednova"
-
     def __init__(self, momentum: float = 0.0) -> None:
         self.momentum = momentum
 

@@ -13,26 +13,21 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from fedftg.fl.aggregation import State
 from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
     LocalSpec,
-    Tensors,
     Term,
     param_names,
     sq_dist,
 )
-from fedftg.methods.specs.fedprox import VARIANTS
 
 
 class FedProx(ClientMethod):
     """FedProx: local loss + mu/2 * ||w - w_global||^2 over the trained parameters."""
 
-    name = "fedprox"
-
     def __init__(self, mu: float, variant: str = "proximal") -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown FedProx variant {variant!r}")
         self.mu = mu
         self.variant = variant
 
@@ -46,5 +41,5 @@ class FedProx(ClientMethod):
             return None
         return Term(self._term, shared={n: ctx.global_state[n] for n in param_names(model)})
 
-    def _term(self, params: Tensors, client: Tensors, shared: Tensors, *_: object) -> torch.Tensor:
+    def _term(self, params: State, client: State, shared: State, *_: object) -> torch.Tensor:
         return 0.5 * self.mu * sq_dist(params, shared)

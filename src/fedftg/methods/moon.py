@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedftg.fl.aggregation import State
 from fedftg.fl.client import (
     ClientMethod,
     LocalContext,
-    Tensors,
     Term,
     call_model,
     detached_state,
@@ -25,8 +25,6 @@ class Moon(ClientMethod):
     negative the client's previous local model's (the global model on its first round).
     """
 
-    name = "moon"
-
     def __init__(self, mu: float, tau: float) -> None:
         self.mu = mu
         self.tau = tau
@@ -35,12 +33,12 @@ class Moon(ClientMethod):
         net = functional_template(model, train=False)
 
         def term(
-            params: Tensors,
-            client: Tensors,
-            shared: Tensors,
+            params: State,
+            client: State,
+            shared: State,
             feats: torch.Tensor,
             logits: torch.Tensor,
-            batch: Tensors,
+            batch: State,
         ) -> torch.Tensor:
             x = batch["x"]
             with torch.no_grad():  # both representations are fixed targets (eval mode)

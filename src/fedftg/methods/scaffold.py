@@ -12,12 +12,10 @@ from fedftg.fl.client import (
     LocalContext,
     LocalResult,
     ParameterStateMethod,
-    Tensors,
     Term,
     dot,
     param_names,
 )
-from fedftg.methods.specs.scaffold import SCAFFOLD_REFERENCES
 
 REF_PREFIX = "ref."
 
@@ -37,16 +35,12 @@ class Scaffold(ParameterStateMethod):
     ``reference="sent"`` it is the model sent.
     """
 
-    name = "scaffold"
-
     def __init__(
         self,
         server_lr: float = 1.0,
         reference: str = "aggregate",
         variate_lr: float | None = None,
     ) -> None:
-        if reference not in SCAFFOLD_REFERENCES:
-            raise ValueError(f"unknown SCAFFOLD reference {reference!r}")
         if variate_lr is not None and not variate_lr > 0:
             raise ValueError(f"SCAFFOLD's variate_lr must be > 0, got {variate_lr!r}")
         self.server_lr = server_lr
@@ -57,7 +51,7 @@ class Scaffold(ParameterStateMethod):
         correction = {n: ctx.server_state[n] - ctx.client_state[n] for n in param_names(model)}
         return Term(self._term, client=correction)
 
-    def _term(self, params: Tensors, client: Tensors, shared: Tensors, *_: object) -> torch.Tensor:
+    def _term(self, params: State, client: State, shared: State, *_: object) -> torch.Tensor:
         return dot(params, client)
 
     def finish(

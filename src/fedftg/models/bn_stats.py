@@ -48,13 +48,19 @@ def bn_gap_recorder(net: nn.Module) -> Iterator[list[torch.Tensor]]:
     teacher's own)."""
     gaps: list[torch.Tensor] = []
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        x = inputs[0]
+    def hook(module: _BatchNorm, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        x, mean, var = inputs[0], module.running_mean, module.running_var
+        if mean is None or var is None:  # hooked only where `tracks_statistics`
+            return
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
-        gaps.append(bn_statistics_gap(x, module.running_mean, module.running_var))
+        gaps.append(bn_statistics_gap(x, mean, var))
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if tracks_statistics(m)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in net.modules()
+        if isinstance(m, _BatchNorm) and tracks_statistics(m)
+    ]
     try:
         yield gaps
     finally:

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.plugins.specs.fedgen import GENERATOR_NOISE, GENERATOR_OUTPUTS
-
 # (hidden_dim, noise_dim) of the authors' GENERATORCONFIGS entries (utils/model_config.py):
 # 'mnist' (256, 32 latent, 1 channel, 10 classes, noise 32), 'cifar' (512, 32, 3, 10, 64).
 # Their latent_dim (32) is their network's representation size; ours is the model's D.
@@ -50,10 +48,6 @@ class FeatureGenerator(nn.Module):
         output: str = "relu",
     ) -> None:
         super().__init__()
-        if noise not in GENERATOR_NOISE:
-            raise ValueError(f"unknown generator noise {noise!r}")
-        if output not in GENERATOR_OUTPUTS:
-            raise ValueError(f"unknown generator output {output!r}")
         self.num_classes, self.feature_dim, self.noise_dim = num_classes, feature_dim, noise_dim
         self.noise, self.output = noise, output
         # a learned label embedding of the noise's size, or the one-hot label

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from fedftg.models.bn_stats import with_bn_gap
-
-State = dict[str, torch.Tensor]
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -31,7 +30,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
 class StackedModels:
     """K models held as one stacked copy ((K, ...) per parameter and buffer), eval mode."""
 
-    def __init__(self, template: nn.Module, states: Sequence[State]) -> None:
+    def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
         if not states:
             raise ValueError("StackedModels needs at least one state")
         self._net = meta_copy(template)
@@ -48,7 +47,7 @@ class StackedModels:
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0]
 
-    def state(self, j: int) -> State:
+    def state(self, j: int) -> dict[str, torch.Tensor]:
         """Model ``j``'s full state as views into the stack."""
         return {n: v[j] for n, v in {**self.params, **self.buffers}.items()}
 
@@ -72,7 +71,7 @@ class StackedModels:
         if torch.is_autocast_enabled(x.device.type):
             return torch.stack([self.one(j, x) for j in range(len(self))])
 
-        def run(p: State, b: State) -> torch.Tensor:
+        def run(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(self._net, (p, b), (x,))
 
         return vmap(run)(self.params, self.buffers)
@@ -89,7 +88,9 @@ class StackedModels:
             pairs = [self.one_with_bn_gap(j, x) for j in range(len(self))]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-        def run(p: State, b: State) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(
+            p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             return with_bn_gap(self._net, lambda: functional_call(self._net, (p, b), (x,)))
 
         return vmap(run)(self.params, self.buffers)
@@ -98,7 +99,7 @@ class StackedModels:
 class ReloadingModels:
     """Reference path: one module, the client's weights loaded before every forward pass."""
 
-    def __init__(self, template: nn.Module, states: Sequence[State]) -> None:
+    def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
         if not states:
             raise ValueError("ReloadingModels needs at least one state")
         self._net = copy.deepcopy(template).eval().requires_grad_(False)
@@ -111,7 +112,7 @@ class ReloadingModels:
     def __len__(self) -> int:
         return len(self._states)
 
-    def state(self, j: int) -> State:
+    def state(self, j: int) -> dict[str, torch.Tensor]:
         return self._states[j]
 
     def one(self, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ class ReloadingModels:
     def all_with_bn_gap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`all` and each model's BatchNorm-statistics gap on ``x``, (K,)."""
         pairs = [
-            with_bn_gap(self._net, lambda s=s: functional_call(self._net, s, (x,)))
+            with_bn_gap(self._net, partial(functional_call, self._net, s, (x,)))
             for s in self._states
         ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -22,7 +22,7 @@ from torch import nn
 from fedftg.models.bn_stats import load_pooled_statistics
 from fedftg.models.generator import ConditionalGenerator
 from fedftg.models.stacked import Teachers, as_teachers
-from fedftg.plugins.specs.distill import DistillSettings
+from fedftg.plugins.specs.distill import DistillSettings, default_nz
 from fedftg.precision import autocast
 from fedftg.seeding import derive_seed
 
@@ -167,17 +167,16 @@ class GeneratorDistiller:
         seed: int = 0,
         precision: str = "fp32",
     ) -> None:
-        if cfg.nz is None:  # follow the dataset; the caller's settings stay as they are
-            cfg = dataclasses.replace(cfg)
-            cfg.resolve(num_classes)
-        self.cfg = cfg
+        # the noise size follows the dataset when unset; the caller's settings stay as they are
+        self.nz = cfg.nz if cfg.nz is not None else default_nz(num_classes)
+        self.cfg = cfg if cfg.nz is not None else dataclasses.replace(cfg, nz=self.nz)
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.precision = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "generator"))
             self.generator = ConditionalGenerator(
-                cfg.nz, num_classes, channels, image_size, cfg.ngf
+                self.nz, num_classes, channels, image_size, cfg.ngf
             ).to(self.device)
 
         # the moving average of the generator that draws the student's samples (gen_ema)
@@ -268,7 +267,7 @@ class GeneratorDistiller:
         """Generated images (normalised scale) of labels ``y``, from the generator the
         student learns from (`sampler`) in eval mode (its running statistics are read, not
         updated); its train/eval mode is restored."""
-        z = torch.randn(len(y), self.cfg.nz, generator=generator, device=generator.device).to(
+        z = torch.randn(len(y), self.nz, generator=generator, device=generator.device).to(
             self.device
         )
         net = self.sampler()

@@ -8,6 +8,7 @@ average of the teachers' predictions on generated samples.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +17,10 @@ from torch import nn
 
 from fedftg.models.stacked import Teachers
 from fedftg.plugins.distill import GeneratorDistiller, sample_labels
-from fedftg.plugins.specs.feddf import FedDFSettings
 from fedftg.precision import upcast
+
+if TYPE_CHECKING:
+    from fedftg.plugins.specs.feddf import FedDFSettings
 
 
 def kl_distill_loss(
@@ -107,7 +110,5 @@ class FedDFServer(GeneratorDistiller):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         counts = held.astype(np.float64)
         y = sample_labels(counts, 1, self.cfg.batch_size, generator, "customized")[0]
-        z = torch.randn(
-            self.cfg.batch_size, self.cfg.nz, generator=generator, device=generator.device
-        )
+        z = torch.randn(self.cfg.batch_size, self.nz, generator=generator, device=generator.device)
         return z.to(self.device), y.to(self.device)

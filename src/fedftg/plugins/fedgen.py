@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedftg.fl.client import LocalSpec, Term
+from fedftg.fl.aggregation import State
+from fedftg.fl.client import LocalSpec, Term, classifier_head
 from fedftg.fl.plugin import PluginEnv
 from fedftg.models import build_model
 from fedftg.models.feature_generator import (
@@ -35,11 +36,11 @@ from fedftg.models.feature_generator import (
 )
 from fedftg.models.stacked import Teachers
 from fedftg.plugins.distill import diversity_loss
-from fedftg.plugins.specs.fedgen import FedGenSettings
 from fedftg.precision import upcast
 from fedftg.seeding import derive_seed
 
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    from fedftg.plugins.specs.fedgen import FedGenSettings
 
 
 def build_generator(
@@ -96,13 +97,6 @@ def label_weights(
     return weights, qualified
 
 
-def federation_labels(counts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The labels some client holds, from the (N, C) counts of all clients: what the
-    authors' clients draw their generated labels from (``available_labels``)."""
-    n = torch.as_tensor(counts)
-    return torch.nonzero(n.sum(dim=0) > 0).flatten()
-
-
 def sample_uniform(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` labels drawn uniformly with replacement from ``labels`` (on its device)."""
     idx = torch.randint(len(labels), (n,), generator=gen, device=gen.device)
@@ -156,7 +150,7 @@ def generator_loss(
     cfg: FedGenSettings,
     student_weight: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
-) -> Tensors:
+) -> State:
     """The generator's objective on one batch, and its terms (all 0-dim tensors).
 
     loss = ensemble_alpha * teacher - ensemble_beta * student + ensemble_eta * diversity,
@@ -305,7 +299,7 @@ def prepare_client_inputs(
     available_labels: torch.Tensor,
     gen_batch_size: int,
     gens: torch.Generator | Sequence[torch.Generator],
-) -> Tensors:
+) -> State:
     """The frozen generator's outputs one client step needs, computed without autograd.
 
     For a batch with labels ``y`` (B,) and one ``gens`` generator: ``latent_features``
@@ -319,7 +313,7 @@ def prepare_client_inputs(
     """
     stacked = y.dim() == 2
     ys = y if stacked else y.unsqueeze(0)
-    gen_list = list(gens) if stacked else [gens]
+    gen_list = [gens] if isinstance(gens, torch.Generator) else list(gens)
     if len(gen_list) != ys.shape[0]:
         raise ValueError("prepare_client_inputs needs one generator per client")
     k, b = ys.shape
@@ -346,7 +340,7 @@ def prepare_client_inputs(
 
 
 def client_terms(
-    weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor, inputs: Tensors
+    weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor, inputs: State
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's two generative terms, unweighted: (latent KL, teacher CE).
 
@@ -369,7 +363,7 @@ def client_loss(
     weight: torch.Tensor,
     bias: torch.Tensor,
     logits: torch.Tensor,
-    inputs: Tensors,
+    inputs: State,
     coeffs: ClientCoefficients,
 ) -> torch.Tensor:
     """What FedGen adds to a client's cross-entropy at one step:
@@ -400,7 +394,7 @@ def seen_label_counts(
 def new_generator(cfg: FedGenSettings, env: PluginEnv) -> FeatureGenerator:
     """The run's round-0 generator, sized for the model's representation, on its device."""
     template = build_model(env.model, env.channels, env.image_size, env.num_classes)
-    dim = template.classifier.in_features
+    dim = classifier_head(template).in_features
     generator = build_generator(cfg, env.channels, env.num_classes, dim, env.seed)
     return generator.to(env.device)
 
@@ -437,7 +431,8 @@ class FedGenServer:
         heads_b = torch.stack([s["classifier.bias"] for s in states])
         student_w = student_b = None
         if cfg.ensemble_beta > 0:
-            student_w, student_b = student.classifier.weight, student.classifier.bias
+            head = classifier_head(student)
+            student_w, student_b = head.weight, head.bias
         return train_generator(
             self.generator,
             self.optimizer,
@@ -452,7 +447,7 @@ class FedGenServer:
             student_b,
         )
 
-    def client_payload(self, round_idx: int) -> Tensors:
+    def client_payload(self, round_idx: int) -> State:
         """The generator's weights and BatchNorm statistics (``g.<name>``) and the labels
         the clients draw generated labels from (``labels``: every label some client has
         reported holding so far)."""
@@ -483,7 +478,7 @@ class FedGenClient:
     def term(
         self,
         model: nn.Module,
-        payload: Tensors,
+        payload: State,
         histogram: np.ndarray,
         round_idx: int,
         spec: LocalSpec,
@@ -504,7 +499,7 @@ class FedGenClient:
         drawn = [0]  # samples trained on so far this round: gives the local epoch
         gen_batch = cfg.generated_batch(spec.batch_size)
 
-        def prepare(x: torch.Tensor, y: torch.Tensor) -> Tensors:
+        def prepare(x: torch.Tensor, y: torch.Tensor) -> State:
             epoch = drawn[0] // held
             drawn[0] += len(y)
             coeffs = client_coefficients(cfg, round_idx, epoch, spec.batch_size)
@@ -517,12 +512,12 @@ class FedGenClient:
 
 
 def _client_term(
-    params: Tensors,
-    client: Tensors,
-    shared: Tensors,
+    params: State,
+    client: State,
+    shared: State,
     feats: torch.Tensor,
     logits: torch.Tensor,
-    batch: Tensors,
+    batch: State,
 ) -> torch.Tensor:
     """FedGen's term in a client's loss, weighted by the step's coefficients (`Term.fn`)."""
     latent, teacher = client_terms(

@@ -11,6 +11,7 @@ the generator machinery it shares with FedDF (`fedftg.plugins.distill`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ from torch import nn
 from fedftg.fl.ensemble import class_weights
 from fedftg.models.stacked import Teachers
 from fedftg.plugins.distill import GeneratorDistiller, sample_labels, within_class_distance
-from fedftg.plugins.specs.ftg import FTGSettings
 from fedftg.precision import upcast
+
+if TYPE_CHECKING:
+    from fedftg.plugins.specs.ftg import FTGSettings
 
 # ----------------------------------------------------------------------- pure maths
 
@@ -126,7 +129,7 @@ class FTGServer(GeneratorDistiller):
         for it in range(cfg.iterations):
             y = labels[it]
             z = torch.randn(
-                cfg.batch_size, cfg.nz, generator=generator, device=generator.device
+                cfg.batch_size, self.nz, generator=generator, device=generator.device
             ).to(dev)
             onehot = self._onehot(y)
             w = alpha[:, y]  # (K, B): teacher k's weight on each sample

@@ -22,7 +22,7 @@ def write_error(path: str | Path, exc: OSError) -> UserError:
     return UserError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; no half-written file is ever left.
 
     The file gets the user's umask (as `open` would). A failure to write is a `UserError`

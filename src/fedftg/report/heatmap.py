@@ -24,7 +24,9 @@ def save_partition_heatmap(
     ax.set_ylabel("client")
     ax.set_xticks(range(c))
     ax.set_xticklabels(
-        class_names if class_names is not None else range(c), rotation=90, fontsize=7
+        class_names if class_names is not None else [str(j) for j in range(c)],
+        rotation=90,
+        fontsize=7,
     )
     if k <= 30 and c <= 20:
         for i in range(k):
@@ -32,7 +34,7 @@ def save_partition_heatmap(
                 ax.text(
                     j,
                     i,
-                    int(counts[i, j]),
+                    str(int(counts[i, j])),
                     ha="center",
                     va="center",
                     fontsize=6,

@@ -19,8 +19,9 @@ from fedftg.settings import (
 
 if TYPE_CHECKING:
     from fedftg.fl.plugin import PluginEnv
+    from fedftg.plugins.distill import GeneratorDistiller
 
-S = TypeVar("S")  # a server class built by `distill_server`
+S = TypeVar("S", bound="GeneratorDistiller")  # a server class built by `distill_server`
 
 
 def distill_setting(default, help_text, **meta):
