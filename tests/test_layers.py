@@ -7,7 +7,8 @@ left out (annotations, never run). The modules are found on disk, so new ones ar
 
 The layers, lowest first (a module may import its own layer and those below):
 
-0. ``errors``, ``seeding``, ``settings``, ``precision``, ``threads``, ``report.files`` (atomic
+0. ``errors``, ``seeding``, ``settings``, ``precision``, ``threads``, ``tables`` (the
+   name tables of datasets, models and partition schemes), ``report.files`` (atomic
    writes, strict JSON lines: what every layer that writes a file uses), the package itself;
 1. ``data``, ``models``: arrays and networks;
 2. ``fl``: what every federated method shares (local loop, aggregation, plug-in protocols,
@@ -15,7 +16,7 @@ The layers, lowest first (a module may import its own layer and those below):
 3. ``methods``, ``plugins``: the client methods and server plug-ins, each a torch-free spec
    and an implementation that never imports its spec at run time;
 4. ``registry``: collects the specs;
-5. ``config``, ``presets``: the run's settings;
+5. ``config``, ``presets``, ``legacy``: the run's settings and the formats of older versions;
 6. ``engine``, ``report``: runs, run directories, tables and figures;
 7. ``flower``, ``bench``: the Flower apps and the benchmarks, both on the engine;
 8. ``cli``, ``sweep_point``: the command line and the sweep's child process.
@@ -38,13 +39,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "fedftg.settings",
         "fedftg.precision",
         "fedftg.threads",
+        "fedftg.tables",
         "fedftg.report.files",
     ),
     ("fedftg.data", "fedftg.models"),
     ("fedftg.fl",),
     ("fedftg.methods", "fedftg.plugins"),
     ("fedftg.registry",),
-    ("fedftg.config", "fedftg.presets"),
+    ("fedftg.config", "fedftg.presets", "fedftg.legacy"),
     ("fedftg.engine", "fedftg.report"),
     ("fedftg.flower", "fedftg.bench"),
     ("fedftg.cli", "fedftg.sweep_point"),

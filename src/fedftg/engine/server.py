@@ -25,7 +25,7 @@ from fedftg.fl.client import (
     LocalResult,
     detached_state,
 )
-from fedftg.fl.plugin import ServerPlugin
+from fedftg.fl.plugin import ServerPlugin, WithClientHalf
 from fedftg.fl.selection import select_clients
 from fedftg.models import build_model
 from fedftg.models.stacked import StackedModels, Teachers
@@ -123,6 +123,8 @@ class ServerRunner:
         self.method = client_method(cfg, base)
         self.plugin_name = plugin
         self.plugin = server_plugin(cfg, plugin, ds, device)
+        # whether the plug-in changes the aggregate (then the accuracy before it is measured)
+        self.fine_tunes = plugin is not None and registry.plugin(plugin).fine_tunes
         self.client_half = client_half(cfg, plugin, ds, device)
         self.model = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
         self.model.load_state_dict(init_state)
@@ -199,7 +201,7 @@ class ServerRunner:
         counts = np.stack(histograms)
         teachers: Teachers | None = None
         if self.plugin is not None:
-            fine_tunes = registry.plugin(self.plugin_name).fine_tunes
+            fine_tunes = self.fine_tunes
             if evaluate_now and fine_tunes:
                 record.acc_before_server, _ = evaluate(self.model, self.test, cfg.eval_batch_size)
             server_start = time.perf_counter()
@@ -252,7 +254,11 @@ class ServerRunner:
         half's input; empty without one)."""
         if self.client_half is None:
             return {}
-        return self.plugin.client_payload(self.state.round)  # type: ignore[union-attr]
+        if not isinstance(self.plugin, WithClientHalf):
+            raise TypeError(
+                f"plug-in {self.plugin_name}: a client half but no client_payload on its server"
+            )
+        return self.plugin.client_payload(self.state.round)
 
     @property
     def has_samples(self) -> bool:

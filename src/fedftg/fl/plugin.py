@@ -17,7 +17,7 @@ Capabilities beyond these are declared on the spec (``samples``), never probed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class ServerPlugin(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+@runtime_checkable
 class WithClientHalf(ServerPlugin, Protocol):
     """A server side whose plug-in has a client half."""
 

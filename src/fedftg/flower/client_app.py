@@ -29,6 +29,7 @@ from fedftg.flower.common import (
     CLIENT_STATE_KEY,
     config_from_json,
     from_record,
+    int_entry,
     report_user_errors,
     to_record,
 )
@@ -122,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     cfg = config_from_json(str(config["run"]))
-    round_idx = _config_int(config, "round")
+    round_idx = int_entry(config, "round")
     base = str(config["base"])
     pid = partition_id(context)
     data = node_data(cfg, pid)
@@ -171,14 +172,6 @@ def _train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
-
-
-def _config_int(config: ConfigRecord, key: str) -> int:
-    """The integer ``key`` of the train message's config (the server sends one)."""
-    value = config[key]
-    if not isinstance(value, int):
-        raise TypeError(f"train message: config {key!r} is not an integer: {value!r}")
-    return value
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -95,3 +95,19 @@ def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """An ArrayRecord back to a state dict on ``device``."""
     return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+
+
+def int_entry(record: Mapping[str, object], key: str) -> int:
+    """The integer ``key`` of a Flower record (a `TypeError` naming it otherwise)."""
+    value = record[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"record entry {key!r} is not an integer: {value!r}")
+    return value
+
+
+def float_entry(record: Mapping[str, object], key: str) -> float:
+    """The number ``key`` of a Flower record, as a float (a `TypeError` naming it otherwise)."""
+    value = record[key]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"record entry {key!r} is not a number: {value!r}")
+    return float(value)

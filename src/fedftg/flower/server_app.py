@@ -31,7 +31,7 @@ from fedftg.engine.rundir import FLOWER_HINTS, RunDir
 from fedftg.engine.server import ServerRunner
 from fedftg.engine.setup import initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
-from fedftg.flower.common import config_from_run_config, report_user_errors
+from fedftg.flower.common import config_from_run_config, int_entry, report_user_errors
 from fedftg.flower.strategy import MethodStrategy
 
 log = logging.getLogger("flwr")
@@ -103,7 +103,7 @@ def discover_nodes(grid: Grid, expected: int, wait: float, timeout: float) -> di
         if reply.has_error():
             log.warning("node %s did not say its partition", reply.metadata.src_node_id)
             continue
-        pid = int(reply.content["info"]["partition-id"])
+        pid = int_entry(reply.content.config_records["info"], "partition-id")
         if pid in node_of:
             log.warning("partition %d is held by two nodes; using one", pid)
         node_of[pid] = reply.metadata.src_node_id

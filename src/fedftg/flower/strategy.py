@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedftg.engine.records import TRAINED, RoundRecord
 from fedftg.engine.server import NONFINITE_PROBLEMS, ServerRunner, upload_problem
 from fedftg.fl.client import LocalResult
-from fedftg.flower.common import config_to_json, from_record, to_record
+from fedftg.flower.common import config_to_json, float_entry, from_record, int_entry, to_record
 
 log = logging.getLogger("flwr")
 
@@ -97,7 +97,9 @@ class MethodStrategy(Strategy):
         record = self.round_record(server_round, replies)
         if record.outcome != TRAINED:
             return None, None
-        numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        numeric: dict[str, int | float | list[int] | list[float]] = {
+            k: float(v) for k, v in record.items() if isinstance(v, (int, float))
+        }
         return to_record(self.runner.state.global_state), MetricRecord(numeric)
 
     def round_record(self, server_round: int, replies: Iterable[Message]) -> RoundRecord:
@@ -139,21 +141,28 @@ class MethodStrategy(Strategy):
 
     def check_content(self, content: RecordDict) -> str | None:
         """Why a reply's content cannot be aggregated: keys, shapes, NaN/Inf, histogram."""
-        for key in ("model", "metrics", "upload"):
+        for key, kind in (
+            ("model", ArrayRecord),
+            ("metrics", MetricRecord),
+            ("upload", ArrayRecord),
+        ):
             if key not in content:
                 return f"missing '{key}'"
+            if not isinstance(content[key], kind):
+                return f"'{key}' is not a {kind.__name__}"
         expected = self.runner.state.global_state
-        model = content["model"]
+        model = content.array_records["model"]
         if set(model.keys()) != set(expected.keys()):
             return "model state has unexpected keys"
         for name, arr in model.items():
             if tuple(arr.shape) != tuple(expected[name].shape):
                 return f"model entry {name} has shape {tuple(arr.shape)}"
-        metrics = content["metrics"]
+        metrics = content.metric_records["metrics"]
         loss = metrics.get("loss")
         if not isinstance(loss, float):
             return "loss is not a finite number"
-        state, upload = model.to_torch_state_dict(), content["upload"].to_torch_state_dict()
+        upload = content.array_records["upload"].to_torch_state_dict()
+        state = model.to_torch_state_dict()
         problem = upload_problem(state, upload, loss)
         if problem is not None:
             return problem
@@ -171,18 +180,19 @@ class MethodStrategy(Strategy):
         return None
 
     def _parse(self, msg: Message) -> tuple[int, LocalResult, np.ndarray]:
-        metrics = msg.content["metrics"]
+        content = msg.content
+        metrics = content.metric_records["metrics"]
         device = self.runner.device
         result = LocalResult(
-            state=from_record(msg.content["model"], device),
-            num_samples=int(metrics["num-examples"]),
-            steps=int(metrics["steps"]),
-            loss=float(metrics["loss"]),
-            upload=from_record(msg.content["upload"], device),
-            plugin_loss=float(metrics["plugin-loss"]) if "plugin-loss" in metrics else None,
+            state=from_record(content.array_records["model"], device),
+            num_samples=int_entry(metrics, "num-examples"),
+            steps=int_entry(metrics, "steps"),
+            loss=float_entry(metrics, "loss"),
+            upload=from_record(content.array_records["upload"], device),
+            plugin_loss=float_entry(metrics, "plugin-loss") if "plugin-loss" in metrics else None,
         )
         hist = np.asarray(metrics["histogram"], dtype=np.int64)
-        return int(metrics["partition-id"]), result, hist
+        return int_entry(metrics, "partition-id"), result, hist
 
     # ------------------------------------------------------- evaluation: central only
     def configure_evaluate(
