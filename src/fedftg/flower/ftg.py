@@ -35,7 +35,7 @@ from torch import nn
 
 from fedftg import registry
 from fedftg.config import Source, canonical_key, layered
-from fedftg.engine.server import plugin_step
+from fedftg.engine.server import all_finite, plugin_step
 from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
 from fedftg.fl.plugin import PluginEnv
@@ -261,9 +261,8 @@ class FTGStrategy(Strategy):
         for name, arr in record.items():
             if tuple(arr.shape) != self._shapes[name]:
                 return f"model entry {name} has shape {tuple(arr.shape)}, not {self._shapes[name]}"
-        for name, arr in record.items():
-            values = arr.numpy()
-            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        for name, tensor in record.to_torch_state_dict().items():
+            if not all_finite({name: tensor}):  # the engines' one NaN/Inf check
                 return f"model entry {name} holds NaN or Inf"
         return None
 
