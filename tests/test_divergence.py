@@ -41,8 +41,8 @@ def _poison_client(runner: MethodRunner, client: int) -> None:
     """Make one client's upload NaN (as a diverging local update would)."""
     local_round = runner.local_round
 
-    def poisoned():
-        results, histograms, start = local_round()
+    def poisoned(selected=None):
+        results, histograms, start = local_round(selected)
         first = next(iter(results[client].state))
         results[client].state[first] = torch.full_like(results[client].state[first], math.nan)
         return results, histograms, start
@@ -63,7 +63,8 @@ def test_nan_upload_is_rejected_and_counted():
     summary = runner.summary().to_dict()
     assert summary["rejected"] == 1
     assert summary["rejections"] == ["round 1: client 1: model holds NaN or Inf"]
-    runner.local_round = lambda: MethodRunner.local_round(runner)  # round 2 is clean
+    # round 2 is clean
+    runner.local_round = lambda selected=None: MethodRunner.local_round(runner, selected)
     assert runner.run_round()["rejected"] == 0  # per round, not over the run
     assert runner.summary().to_dict()["rejected"] == 1
 

@@ -34,7 +34,7 @@ class MethodRunner(ServerRunner):
         method diverged (``status: diverged`` in the record, `diverged` set)."""
         round_num = self.state.round + 1
         selected = self.selected()
-        results, histograms, start = self.local_round()
+        results, histograms, start = self.local_round(selected)
         kept, rejections = [], []
         for k, r, h in zip(selected, results, histograms, strict=True):
             problem = upload_problem(r.state, r.upload, r.loss)
@@ -46,13 +46,17 @@ class MethodRunner(ServerRunner):
             return self.no_finite_upload(rejections, "--lr", start)
         return self.server_update([r for r, _ in kept], [h for _, h in kept], start, rejections)
 
-    def local_round(self) -> tuple[list[LocalResult], list[np.ndarray], float]:
-        """The selected clients' local training of this round: uploads, label histograms and
-        the round's start time, ready for `server_update`."""
+    def local_round(
+        self, selected: list[int] | None = None
+    ) -> tuple[list[LocalResult], list[np.ndarray], float]:
+        """The local training of this round's clients (``selected``, drawn here when not
+        given): uploads, label histograms and the round's start time, ready for
+        `server_update`."""
         cfg, setup, st = self.cfg, self.setup, self.state
         round_idx = st.round
         start = time.perf_counter()
-        selected = self.selected()
+        if selected is None:
+            selected = self.selected()
         spec = local_spec(cfg, setup.dataset, round_idx)
         payload = self.client_payload()
         tasks, histograms = [], []
