@@ -18,7 +18,9 @@ The layers, lowest first (a module may import its own layer and those below):
 4. ``registry``: collects the specs;
 5. ``config``, ``presets``, ``legacy``: the run's settings and the formats of older versions;
 6. ``engine``, ``report``: runs, run directories, tables and figures;
-7. ``flower``, ``bench``: the Flower apps and the benchmarks, both on the engine;
+7. ``flower``, ``bench``, ``api``, ``server_step``: the Flower apps, the benchmarks and the
+   Python API, all on the engine (the package's lazy re-exports of the API, by
+   ``importlib``, are no import statement and so no edge);
 8. ``cli``, ``sweep_point``: the command line and the sweep's child process.
 """
 
@@ -48,7 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fedftg.registry",),
     ("fedftg.config", "fedftg.presets", "fedftg.legacy"),
     ("fedftg.engine", "fedftg.report"),
-    ("fedftg.flower", "fedftg.bench"),
+    ("fedftg.flower", "fedftg.bench", "fedftg.api", "fedftg.server_step"),
     ("fedftg.cli", "fedftg.sweep_point"),
 )
 
