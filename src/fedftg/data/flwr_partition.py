@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,14 +132,14 @@ def label_rows(labels: np.ndarray, order: np.ndarray) -> Any:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Without the progress bars of ``datasets`` and the partitioners' warnings (a retry
-    that succeeds is no news; one that fails is the `UserError`)."""
+    """Without the progress bars of ``datasets`` and the partitioners (on stderr) and
+    their warnings (a retry that succeeds is no news; one that fails is the `UserError`)."""
     import datasets
 
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
