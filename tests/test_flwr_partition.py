@@ -52,9 +52,17 @@ def flwr():
     return module
 
 
-def split(scheme: str, args: dict | None = None, *, seed: int = 0, clients: int = 6):
-    """The partition of LABELS by ``scheme`` with partitioner arguments ``args``."""
-    settings = scheme_settings(scheme, {"partition_args": args or {}})
+def split(
+    scheme: str,
+    args: dict | None = None,
+    *,
+    seed: int = 0,
+    clients: int = 6,
+    each: int | None = None,
+):
+    """The partition of LABELS by ``scheme`` with partitioner arguments ``args`` (``each``:
+    the samples per client dealt, None: all)."""
+    settings = scheme_settings(scheme, {"partition_args": args or {}, "samples_per_client": each})
     return partition_labels(LABELS, 10, clients, scheme, settings, seed=seed)
 
 
@@ -179,6 +187,14 @@ def test_it_is_flower_s_split_of_the_shuffled_rows(flwr):
     want = [np.sort(own.load_partition(i)["index"]) for i in range(6)]
     got = split("flwr:DirichletPartitioner", {"alpha": 0.3}, seed=3).client_indices
     assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_samples_per_client_deals_that_many_rows_as_for_the_builtin_schemes(flwr):
+    part = split("flwr:IidPartitioner", each=50)
+    assert part.sizes.tolist() == [50] * 6
+    assert len(np.unique(np.concatenate(part.client_indices))) == 300
+    with pytest.raises(UserError, match="^samples_per_client: 200 x 6 clients exceeds"):
+        split("flwr:IidPartitioner", each=200)
 
 
 def test_stats_table_and_heatmap_work_for_it(flwr, tmp_path):

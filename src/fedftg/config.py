@@ -26,7 +26,7 @@ from typing import Any
 
 from fedftg import registry
 from fedftg.data.flwr_partition import check_args, parse_args
-from fedftg.data.partition import SCHEMES
+from fedftg.data.partition import SCHEMES, scheme_settings
 from fedftg.data.sources import DATASETS, dataset_classes
 from fedftg.errors import UserError
 from fedftg.legacy import digest, fill_before, flat_names
@@ -272,8 +272,8 @@ class RunConfig:
         SCHEMES.resolve(self.partition)  # a flwr:<Partitioner> is registered on first use
         for f, m in core_fields():
             check_value(f.name, getattr(self, f.name), m)
-        reads = {f.name for f in dataclasses.fields(SCHEMES.get(self.partition).settings)}
-        if self.partition_args and "partition_args" not in reads:
+        scheme = scheme_settings(self.partition, vars(self))  # the scheme's own checks
+        if self.partition_args and not hasattr(scheme, "partition_args"):
             raise UserError(
                 f"partition_args: the {self.partition} scheme takes none "
                 "(a flwr:<Partitioner> does)"

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fedftg.data.partition import SchemeSpec, register_scheme
+from fedftg.data.partition import SchemeSpec, dealt, register_scheme
 from fedftg.errors import UserError
 
 FLWR_PREFIX = "flwr:"
@@ -47,15 +47,18 @@ FILLED = ("num_partitions", "seed")
 
 
 @dataclass(frozen=True)
-class FlwrSettings:
-    """What a ``flwr:<Class>`` scheme reads: the partitioner's constructor arguments."""
+class ObjectSettings:
+    """What a `register_partitioner` scheme reads: the samples dealt per client (None: all;
+    the object holds its own arguments)."""
 
-    partition_args: Mapping[str, Any] = field(default_factory=dict)
+    samples_per_client: int | None = None
 
 
 @dataclass(frozen=True)
-class ObjectSettings:
-    """What a `register_partitioner` scheme reads: nothing (the object holds its arguments)."""
+class FlwrSettings(ObjectSettings):
+    """What a ``flwr:<Class>`` scheme reads: also the partitioner's constructor arguments."""
+
+    partition_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _partitioner_module() -> Any:
@@ -148,13 +151,20 @@ def quiet() -> Iterator[None]:
 
 
 def split_with(
-    partitioner: Any, labels: np.ndarray, num_clients: int, rng: np.random.Generator, name: str
+    partitioner: Any,
+    labels: np.ndarray,
+    num_clients: int,
+    s: ObjectSettings,
+    rng: np.random.Generator,
+    name: str,
 ) -> list[np.ndarray]:
     """Each client's row numbers as ``partitioner`` (unused) splits the training set
-    shuffled by ``rng``; a partition count other than ``num_clients``, an error of the
-    partitioner or an empty client is a `UserError` naming the scheme ``name``."""
+    shuffled by ``rng`` (its first ``samples_per_client * num_clients`` rows when that is
+    set, as the built-in schemes deal them); a partition count other than ``num_clients``,
+    an error of the partitioner or an empty client is a `UserError` naming ``name``."""
     where = f"partition: {name}"
-    order = rng.permutation(len(labels)).astype(np.int64)
+    dealt_rows = dealt(len(labels), num_clients, s.samples_per_client)
+    order = rng.permutation(len(labels))[:dealt_rows].astype(np.int64)
     try:
         with quiet():
             partitioner.dataset = label_rows(labels, order)
@@ -178,6 +188,14 @@ def flwr_scheme(name: str) -> SchemeSpec:
     ``partition_args``, seeded from the run's seed (`SCHEMES` makes it on first use)."""
     cls = partitioner_class(name)
 
+    @dataclass(frozen=True)
+    class Checked(FlwrSettings):
+        """`FlwrSettings` whose argument names are checked against ``cls`` as they are made
+        (a config's validation makes them: bad names fail before any data loads)."""
+
+        def __post_init__(self) -> None:
+            partitioner_kwargs(cls, self.partition_args, 1, 0)
+
     def split(
         labels: np.ndarray, num_classes: int, k: int, s: FlwrSettings, rng: np.random.Generator
     ) -> Sequence[np.ndarray]:
@@ -187,9 +205,9 @@ def flwr_scheme(name: str) -> SchemeSpec:
             partitioner = cls(**kwargs)
         except (ValueError, TypeError) as exc:
             raise UserError(f"partition_args: flwr:{cls.__name__}: {exc}") from None
-        return split_with(partitioner, labels, k, rng, name)
+        return split_with(partitioner, labels, k, s, rng, name)
 
-    return SchemeSpec(name, split, FlwrSettings, note="Flower Datasets")
+    return SchemeSpec(name, split, Checked, note="Flower Datasets")
 
 
 _registered: list[str] = []
@@ -218,7 +236,7 @@ def register_partitioner(partitioner: Any) -> str:
     def split(
         labels: np.ndarray, num_classes: int, k: int, s: ObjectSettings, rng: np.random.Generator
     ) -> Sequence[np.ndarray]:
-        return split_with(copy.deepcopy(partitioner), labels, k, rng, name)
+        return split_with(copy.deepcopy(partitioner), labels, k, s, rng, name)
 
     register_scheme(name, split, ObjectSettings, note="Flower Datasets object")
     _registered.append(name)
