@@ -352,3 +352,19 @@ def test_a_partition_with_an_empty_client_is_refused(flwr):
     name = register_partitioner(FirstEmpty())
     with pytest.raises(UserError, match=f"^partition: {name} gave client 0 no samples"):
         split(name, clients=3)
+
+
+def test_a_flower_run_config_gives_the_arguments_as_a_string(flwr):
+    from fedftg.flower.common import config_from_run_config
+
+    cfg = config_from_run_config(
+        {"partition": "flwr:DirichletPartitioner", "partition-args": "alpha=0.3"}
+    )
+    assert cfg.partition_args == {"alpha": 0.3}
+
+
+def test_a_scheme_made_on_first_use_leaves_the_help_as_it_was(flwr):
+    before = SCHEMES.help_text()
+    assert before.endswith("flwr:<Partitioner> (Flower Datasets)")
+    RunConfig().override({"partition": "flwr:IidPartitioner"})
+    assert "flwr:IidPartitioner" in SCHEMES.names() and SCHEMES.help_text() == before

@@ -37,6 +37,7 @@ class Table(Generic[Entry]):
         self.kind, self.setting = kind, setting
         self._entries: dict[str, Entry] = {}
         self._first_use: dict[str, tuple[Callable[[str], Entry], str]] = {}
+        self._made: set[str] = set()  # names made on first use: their family's note stands
 
     def add(self, name: str, entry: Entry) -> Entry:
         """Register ``entry`` as ``name``; a taken or malformed name is a `UserError`."""
@@ -65,6 +66,7 @@ class Table(Generic[Entry]):
         for prefix, (make, _) in self._first_use.items():
             if name.startswith(prefix):
                 self.add(name, make(name))
+                self._made.add(name)
                 return
 
     def get(self, name: str) -> Entry:
@@ -83,8 +85,12 @@ class Table(Generic[Entry]):
 
     def help_text(self) -> str:
         """The names with their notes, for a setting's help: ``iid, dirichlet (authors')``,
-        then the first-use families' notes."""
-        named = [f"{n} ({e.note})" if e.note else n for n, e in self._entries.items()]
+        then the first-use families' notes (for the names made from them)."""
+        named = [
+            f"{n} ({e.note})" if e.note else n
+            for n, e in self._entries.items()
+            if n not in self._made
+        ]
         return ", ".join([*named, *(note for _, note in self._first_use.values())])
 
     def entries(self) -> dict[str, Entry]:
