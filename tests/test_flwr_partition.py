@@ -8,6 +8,7 @@ are tested either way.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -311,9 +312,7 @@ def test_a_registered_partitioner_object_is_a_scheme_for_the_process(flwr):
 
     obj = flwr.DirichletPartitioner(6, "label", alpha=0.3, seed=7)
     name = register_partitioner(obj)
-    assert name == "python:DirichletPartitioner-1" or name.startswith(
-        "python:DirichletPartitioner-"
-    )
+    assert re.fullmatch(r"python:DirichletPartitioner-[0-9]+", name)
     assert name in SCHEMES
     a, b = split(name, seed=0), split(name, seed=0)  # a copy splits: the object serves again
     assert same(a, b) and not obj.is_dataset_assigned()
@@ -368,3 +367,18 @@ def test_a_scheme_made_on_first_use_leaves_the_help_as_it_was(flwr):
     assert before.endswith("flwr:<Partitioner> (Flower Datasets)")
     RunConfig().override({"partition": "flwr:IidPartitioner"})
     assert "flwr:IidPartitioner" in SCHEMES.names() and SCHEMES.help_text() == before
+
+
+def test_a_registered_object_runs_in_process_and_records_its_name(flwr, tmp_path, capsys):
+    from fedftg.data.flwr_partition import register_partitioner
+
+    name = register_partitioner(flwr.PathologicalPartitioner(3, "label", 2, seed=5))
+    out = tmp_path / "run"
+    code, err = _run(capsys, out, "--method", "fedavg", "--rounds", "1", "--partition", name)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["partition"] == name and config["partition_args"] == {}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partition"]["classes_per_client_mean"] == 2
+    with pytest.raises(UserError, match=f"^partition_args: the {name} scheme takes none"):
+        RunConfig().override({"partition": name, "partition_args": "a=1"})
