@@ -26,6 +26,13 @@ SKIPPED = {
     "flwr": "a Flower federation: tests/test_flower*.py run it on a local SuperLink",
     "fedftg bench": "needs a GPU (--device cuda); tests/test_bench.py runs it on the CPU",
 }
+if importlib.util.find_spec("flwr_datasets") is None:  # tests/test_flwr_partition.py skips too
+    SKIPPED.update(
+        {
+            f"fedftg {c} --partition flwr:": "needs the flwr-datasets extra"
+            for c in ("run", "partition")
+        }
+    )
 # a block that starts Flower processes is a script, not a list of commands
 FLOWER_BLOCK = "flower-superlink"
 

@@ -275,7 +275,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_partition(ns: argparse.Namespace) -> int:
     cfg = _config(ns)  # first: bad settings are reported without loading torch
-    from fedftg.data.partition import format_partition_table, partition_stats
+    from fedftg.data.partition import format_partition_table, partition_label, partition_stats
     from fedftg.engine.setup import prepare
     from fedftg.report.heatmap import save_partition_heatmap
 
@@ -288,7 +288,7 @@ def cmd_partition(ns: argparse.Namespace) -> int:
         setup.partition.counts,
         path,
         class_names=list(setup.dataset.classes),
-        title=f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+        title=f"{cfg.dataset}: {cfg.clients} clients, {partition_label(vars(cfg))}",
     )
     print(f"heatmap written to {path}")
     return 0

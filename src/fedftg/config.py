@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from fedftg import registry
-from fedftg.data.partition import SCHEMES
+from fedftg.data.flwr_partition import check_args, parse_args
+from fedftg.data.partition import SCHEMES, scheme_settings
 from fedftg.data.sources import DATASETS, dataset_classes
 from fedftg.errors import UserError
 from fedftg.legacy import digest, fill_before, flat_names
 from fedftg.models import MODELS
 from fedftg.settings import (
+    MISSING,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -94,6 +96,11 @@ class RunConfig:
     # federation
     clients: int = setting(10, "number of clients", check=POSITIVE_INT)
     partition: str = setting("dirichlet", SCHEMES.help_text, choices=SCHEMES.names)
+    partition_args: dict[str, Any] = setting(
+        default_factory=dict,
+        help="arguments of a flwr:<Partitioner> scheme: key=value,... (TOML: a table)",
+        before={},
+    )
     alpha: float = setting(0.1, "Dirichlet concentration (smaller = more non-IID)", check=POSITIVE)
     sigma: float = setting(0.0, "lognormal quantity skew (0 = balanced)", check=NON_NEGATIVE)
     shards_per_client: int = setting(2, "shards per client (shards)", check=POSITIVE_INT)
@@ -262,8 +269,15 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every field; raise `UserError` naming the first bad one. Returns self."""
+        SCHEMES.resolve(self.partition)  # a flwr:<Partitioner> is registered on first use
         for f, m in core_fields():
             check_value(f.name, getattr(self, f.name), m)
+        scheme = scheme_settings(self.partition, vars(self))  # the scheme's own checks
+        if self.partition_args and not hasattr(scheme, "partition_args"):
+            raise UserError(
+                f"partition_args: the {self.partition} scheme takes none "
+                "(a flwr:<Partitioner> does)"
+            )
         needs = DATASETS.get(self.dataset).data_dir
         if needs and not self.data_dir:
             raise UserError(f"data_dir: the {self.dataset} dataset needs --data-dir ({needs})")
@@ -385,6 +399,12 @@ def coerce(name: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{name}: expected a list, got {value!r}")
         return [coerce(name, item, v) for v in value]
+    if origin is dict:  # a flwr:<Partitioner>'s arguments: "k=v,k=v" or a TOML table
+        if isinstance(value, str):
+            return parse_args(name, value)
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected key=value pairs or a table, got {value!r}")
+        return check_args(name, value)
     if origin is tuple:
         items = typing.get_args(kind)
         if isinstance(value, str):
@@ -578,8 +598,11 @@ def fingerprint(values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     cfg = read_saved(values)
     kept: dict[str, Any] = {}
     for f, m in core_fields():
+        value = getattr(cfg, f.name)
+        if m.before is not MISSING and value == m.before:
+            continue  # added later, at the value that behaves as before it existed
         if not (m.resumable or f.name in ignore):
-            kept[f.name] = getattr(cfg, f.name)
+            kept[f.name] = value
     for section, s in cfg.sections.items():
         for f, _ in fields(s):
             key = f"{section}.{f.name}"

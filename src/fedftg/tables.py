@@ -10,6 +10,7 @@ never load torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from fedftg.errors import UserError
@@ -35,6 +36,8 @@ class Table(Generic[Entry]):
     def __init__(self, kind: str, setting: str) -> None:
         self.kind, self.setting = kind, setting
         self._entries: dict[str, Entry] = {}
+        self._first_use: dict[str, tuple[Callable[[str], Entry], str]] = {}
+        self._made: set[str] = set()  # names made on first use: their family's note stands
 
     def add(self, name: str, entry: Entry) -> Entry:
         """Register ``entry`` as ``name``; a taken or malformed name is a `UserError`."""
@@ -48,12 +51,31 @@ class Table(Generic[Entry]):
         self._entries[name] = entry
         return entry
 
+    def on_first_use(self, prefix: str, make: Callable[[str], Entry], note: str) -> None:
+        """Names starting with ``prefix`` are made by ``make(name)`` and registered the first
+        time one is asked for (`resolve`, `get`): a family of entries too large to list
+        (``flwr:<Partitioner>``). ``note`` stands for the family in help and errors."""
+        self._first_use[prefix] = (make, note)
+
+    def resolve(self, name: str) -> None:
+        """Register ``name`` now if it is unknown and a first-use prefix makes it (the maker's
+        `UserError` says why it cannot); any other unknown name is left for `get` or the
+        setting's check to report."""
+        if name in self._entries:
+            return
+        for prefix, (make, _) in self._first_use.items():
+            if name.startswith(prefix):
+                self.add(name, make(name))
+                self._made.add(name)
+                return
+
     def get(self, name: str) -> Entry:
         """The entry ``name``; an unknown name is a `UserError` listing the known ones."""
+        self.resolve(name)
         if name not in self._entries:
             raise UserError(
                 f"{self.setting}: unknown {self.kind} {name!r}; use one of "
-                f"{', '.join(self._entries)}"
+                f"{', '.join([*self._entries, *(note for _, note in self._first_use.values())])}"
             )
         return self._entries[name]
 
@@ -62,11 +84,14 @@ class Table(Generic[Entry]):
         return tuple(self._entries)
 
     def help_text(self) -> str:
-        """The names with their notes, for a setting's help: ``iid, dirichlet (authors')``."""
-        return ", ".join(
-            f"{name} ({entry.note})" if entry.note else name
-            for name, entry in self._entries.items()
-        )
+        """The names with their notes, for a setting's help: ``iid, dirichlet (authors')``,
+        then the first-use families' notes (for the names made from them)."""
+        named = [
+            f"{n} ({e.note})" if e.note else n
+            for n, e in self._entries.items()
+            if n not in self._made
+        ]
+        return ", ".join([*named, *(note for _, note in self._first_use.values())])
 
     def entries(self) -> dict[str, Entry]:
         """A copy of the table: name -> entry, in registration order."""

@@ -7,6 +7,7 @@ the result: it is what FedFTG's label sampling and class-level ensemble are buil
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -356,6 +357,25 @@ register_scheme("iid", _iid, IidSettings)
 register_scheme("dirichlet", _dirichlet, DirichletSettings, note="authors'")
 register_scheme("dirichlet-label", _dirichlet_label, DirichletLabelSettings, note="NIID-Bench")
 register_scheme("shards", _shards, ShardsSettings)
+
+
+def _flwr_scheme(name: str) -> SchemeSpec:
+    """The scheme ``flwr:<Class>`` (`fedftg.data.flwr_partition`, imported by name: it
+    builds on this module, and it is needed only when such a scheme is asked for)."""
+    return importlib.import_module("fedftg.data.flwr_partition").flwr_scheme(name)
+
+
+SCHEMES.on_first_use("flwr:", _flwr_scheme, "flwr:<Partitioner> (Flower Datasets)")
+
+
+def partition_label(values: Mapping[str, Any]) -> str:
+    """A run's partition for titles, from its settings by name (a config or its dict):
+    ``dirichlet alpha=0.1``, ``flwr:DirichletPartitioner(alpha=0.3)``; a scheme from
+    outside the package (``flwr:``, ``python:``) reads no ``alpha``."""
+    scheme, args = values["partition"], values.get("partition_args") or {}
+    if ":" not in scheme:
+        return f"{scheme} alpha={values['alpha']}"
+    return f"{scheme}({','.join(f'{k}={v}' for k, v in args.items())})" if args else scheme
 
 
 def partition_stats(part: Partition) -> dict[str, Any]:

@@ -52,7 +52,7 @@ import torch
 
 import fedftg
 from fedftg.config import RunConfig, differing_settings, fingerprint, flatten_sections
-from fedftg.data.partition import Partition, partition_stats
+from fedftg.data.partition import Partition, partition_label, partition_stats
 from fedftg.data.sources import Dataset
 from fedftg.engine.checkpoint import (
     checkpoint_matches,
@@ -481,7 +481,7 @@ class RunDir:
             partition.counts,
             self.paths["partition"],
             list(dataset.classes),
-            f"{cfg.dataset}: {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}",
+            f"{cfg.dataset}: {cfg.clients} clients, {partition_label(vars(cfg))}",
         )
         self.rows = restore_metrics(self.paths["metrics"], self.saved, self.warn)
         self._log = MetricsLog(self.paths["metrics"])
@@ -552,7 +552,7 @@ class RunDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(self.paths["summary"], summary)
-        title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition} alpha={cfg.alpha}"
+        title = f"{cfg.dataset}, {cfg.clients} clients, {partition_label(vars(cfg))}"
         plot_curves(self.rows, self.paths["curves"], title)
         if cfg.checkpoint_every and not self.keep_checkpoint:
             self._save(None, None)  # the small final checkpoint replaces the last full one

@@ -25,6 +25,7 @@ from fedftg.config import (
     reads_setting,
     saved_settings,
 )
+from fedftg.data.partition import partition_label
 from fedftg.errors import UserError
 from fedftg.registry import split_method
 from fedftg.report.files import (
@@ -246,7 +247,7 @@ def _write_report(settings: dict[str, Any], out_dir: Path, target: float) -> Pat
             f"## {title}",
             "",
             f"{cfg['dataset']}, model {cfg['model']}, {cfg['clients']} clients, "
-            f"{cfg['partition']} alpha={cfg['alpha']}, participation {cfg['participation']}"
+            f"{partition_label(cfg)}, participation {cfg['participation']}"
             f", {cfg['rounds']} rounds, {cfg['local_epochs']} local epochs.",
             "",
             "| method | seeds | final acc | best acc | rounds to target | wall-clock s |",
