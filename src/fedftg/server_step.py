@@ -278,7 +278,7 @@ def _checked_model(
             out = net(x)
     except Exception as err:  # the user's forward: any failure is a breach of the contract
         raise UserError(
-            f"model: forward on a batch of shape {tuple(x.shape)} fails: {err}"
+            f"model: forward on inputs of shape {tuple(x.shape)} fails: {err}"
         ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
