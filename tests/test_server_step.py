@@ -5,7 +5,11 @@ engine's own step, on any model that gives logits, with its state across calls, 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +227,33 @@ def test_each_bad_construction_is_a_user_error_naming_it(kw, message):
 def test_a_foreign_state_is_refused():
     with pytest.raises(UserError, match=r"state: expected ServerStep.state_dict\(\) output"):
         _step().load_state_dict(_step().state_dict()["plugin"])
+
+
+# ------------------------------------------------------------ the plain-PyTorch example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain-pytorch"
+
+
+def _example(tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
+    """The example's final model after one round (with ``flags``), from a fresh process."""
+    out = tmp_path / f"model{len(flags)}.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(fedftg.__file__).parents[1])}
+    args = [sys.executable, str(EXAMPLE / "fedavg.py"), "--rounds", "1", "--save", str(out)]
+    done = subprocess.run(
+        [*args, *flags], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("round 1: test accuracy 0.")
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.processes
+def test_the_plain_pytorch_example_runs_and_its_three_lines_change_the_model(tmp_path):
+    source = (EXAMPLE / "fedavg.py").read_text()
+    assert len(source.splitlines()) < 100  # plain PyTorch but for the one import
+    assert [s for s in source.splitlines() if "fedftg" in s] == ["from fedftg import ServerStep"]
+    assert [n for n in range(1, 4) if f"FedFTG, line {n}" in source] == [1, 2, 3]
+    plain = _example(tmp_path)
+    tuned = _example(tmp_path, "--ftg", "--ftg-iterations", "1")
+    assert set(plain) == set(tuned)
+    assert any(not torch.equal(plain[k], tuned[k]) for k in plain)
