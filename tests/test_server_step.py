@@ -202,6 +202,23 @@ class NoLogits(TinyNet):
         return self.body(x)
 
 
+class NoVmap(TinyNet):
+    """A forward that reads a value out of a weight: fine alone, not under vmap."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float(self.head.bias.detach().abs().max() + 1)
+
+
+def test_a_model_that_fails_under_vmap_needs_the_reference_loop():
+    args = {"model": NoVmap, "num_classes": 10, "input_shape": SHAPE}
+    with pytest.raises(UserError, match="model: forward fails under torch.func.vmap"):
+        ServerStep("ftg", **args)
+    aggregate, states, counts = _round()
+    step = ServerStep("ftg", **args, settings={**FAST, "impl": "reference"})
+    tuned, _ = step(aggregate, states, counts)
+    assert any(not torch.equal(tuned[k], aggregate[k]) for k in tuned)
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [

@@ -176,7 +176,8 @@ class ServerStep:
         self.input_shape = shape
         self.seed = seed
         self.device = resolve_device(device)
-        self.model = _checked_model(model, shape, num_classes).to(self.device)
+        batched = getattr(self.settings, "impl", "fast") == "fast"
+        self.model = _checked_model(model, shape, num_classes, batched).to(self.device)
         self.shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         env = PluginEnv(
             num_classes=num_classes,
@@ -263,10 +264,15 @@ class ServerStep:
 
 
 def _checked_model(
-    model: nn.Module | Callable[[], nn.Module], shape: tuple[int, int, int], classes: int
+    model: nn.Module | Callable[[], nn.Module],
+    shape: tuple[int, int, int],
+    classes: int,
+    batched: bool,
 ) -> nn.Module:
     """A private eval-mode copy of ``model`` (or of what the factory returns), after one
-    forward pass on a zero batch shows it maps inputs of ``shape`` to ``classes`` logits."""
+    forward pass on a zero batch shows it maps inputs of ``shape`` to ``classes`` logits
+    and, when the step is to run the teachers ``batched``, that the same pass works under
+    ``torch.func.vmap`` as `StackedModels` runs it."""
     net = model() if callable(model) and not isinstance(model, nn.Module) else model
     if not isinstance(net, nn.Module):
         raise UserError("model: expected a torch.nn.Module or a function returning one")
@@ -286,4 +292,13 @@ def _checked_model(
             f"model: forward must give (batch, {classes}) logits for inputs of shape "
             f"(batch, {', '.join(map(str, shape))}), got {got}"
         )
+    if batched:
+        try:
+            with torch.no_grad():
+                StackedModels(net, [net.state_dict()] * 2).all(x)
+        except Exception as err:  # as above: the user's forward, now under vmap
+            raise UserError(
+                f"model: forward fails under torch.func.vmap, which runs the client models "
+                f"together ({err}); settings impl='reference' runs them one by one"
+            ) from None
     return net
