@@ -6,8 +6,8 @@ evaluation) and, after each round's ``aggregate_train``, runs fedftg's FedFTG (o
 server step (`fedftg.ServerStep`, of which this is the Flower adapter) on the aggregate: a
 conditional generator is trained against the round's client models (the teachers) and
 their label histograms, and the aggregate is distilled from the teachers' class-weighted
-ensemble on the generated samples. The generator persists across rounds (`state_dict`). Clients attach their label histograms with
-`fedftg.flower.mods.label_histogram_mod`.
+ensemble on the generated samples. The generator persists across rounds (`state_dict`).
+Clients attach their label histograms with `fedftg.flower.mods.label_histogram_mod`.
 
 A reply the step cannot use is rejected with one log line and is not a teacher: a model
 that does not fit the global model (keys, shapes, NaN/Inf; such a reply is withheld from
