@@ -3,11 +3,11 @@
 `FTGStrategy(FedAvg(...), model=Net, num_classes=10, input_shape=(1, 28, 28))` behaves as
 the wrapped strategy (client selection, its own aggregation and options, federated
 evaluation) and, after each round's ``aggregate_train``, runs fedftg's FedFTG (or FedDF)
-server step on the aggregate: a conditional generator is trained against the round's client
-models (the teachers) and their label histograms, and the aggregate is distilled from the
-teachers' class-weighted ensemble on the generated samples. The generator persists across
-rounds (`state_dict`). Clients attach their label histograms with
-`fedftg.flower.mods.label_histogram_mod`.
+server step (`fedftg.ServerStep`, of which this is the Flower adapter) on the aggregate: a
+conditional generator is trained against the round's client models (the teachers) and
+their label histograms, and the aggregate is distilled from the teachers' class-weighted
+ensemble on the generated samples. The generator persists across rounds (`state_dict`).
+Clients attach their label histograms with `fedftg.flower.mods.label_histogram_mod`.
 
 A reply the step cannot use is rejected with one log line and is not a teacher: a model
 that does not fit the global model (keys, shapes, NaN/Inf; such a reply is withheld from
@@ -19,7 +19,6 @@ aggregate is kept.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -33,15 +32,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fedftg import registry
-from fedftg.config import Source, canonical_key, layered
-from fedftg.engine.server import all_finite, plugin_step
-from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
-from fedftg.fl.plugin import PluginEnv
 from fedftg.flower.common import to_record
-from fedftg.models.stacked import StackedModels
-from fedftg.settings import Settings, validate_section
+from fedftg.server_step import ServerStep, counts_problem
+from fedftg.server_step import plugin_settings as plugin_settings  # its public home before
+from fedftg.server_step import step_plugins as step_plugins
+from fedftg.settings import Settings
 
 log = logging.getLogger("flwr")
 
@@ -56,48 +52,10 @@ class _KeepsArrays(Protocol):
     current_arrays: ArrayRecord | None
 
 
-def step_plugins() -> tuple[str, ...]:
-    """The server plug-ins the wrapper can run: those that fine-tune the aggregate and need
-    nothing from the clients but their models and label histograms (ftg, df)."""
-    return tuple(
-        name for name, spec in registry.plugins().items() if spec.fine_tunes and not spec.client
-    )
-
-
-def plugin_settings(
-    plugin: str = "ftg", settings: Settings | Mapping[str, Any] | None = None
-) -> Settings:
-    """Validated settings of server plug-in ``plugin``, as `fedftg run` checks them.
-
-    ``settings`` is the plug-in's settings object (`fedftg.flower.FTGSettings`,
-    `fedftg.flower.FedDFSettings`), or a mapping of setting names in any form the CLI
-    or a Flower run config accepts (``iterations``, ``ftg-iterations``, ``ftg.gen_lr``),
-    or None for the defaults. Unknown names and bad values are `UserError`s.
-    """
-    if plugin not in step_plugins():
-        raise UserError(f"plugin: unknown value {plugin!r}; use one of {', '.join(step_plugins())}")
-    if isinstance(settings, Settings):
-        expected = registry.plugin(plugin).settings
-        if type(settings) is not expected:
-            raise UserError(f"settings: expected {expected.__name__} for {plugin}")
-        chosen = copy.deepcopy(settings)
-    else:
-        values = {_section_key(plugin, k): v for k, v in (settings or {}).items()}
-        cfg, _ = layered([Source(values, "settings: ")])
-        chosen = cfg.sections[plugin]
-    validate_section(plugin, chosen)
-    return chosen
-
-
 def run_config_settings(run_config: Mapping[str, Any], plugin: str = "ftg") -> dict[str, Any]:
     """The plug-in's settings in a Flower run config: keys ``<plugin>-<name>`` or
     ``<plugin>.<name>`` (``ftg-iterations = 5`` in ``[tool.flwr.app.config]``)."""
     return {k: v for k, v in run_config.items() if k.startswith((f"{plugin}-", f"{plugin}."))}
-
-
-def _section_key(plugin: str, key: str) -> str:
-    canon = canonical_key(key)
-    return canon if canon.startswith(f"{plugin}.") else f"{plugin}.{key.replace('-', '_')}"
 
 
 class FTGStrategy(Strategy):
@@ -131,41 +89,27 @@ class FTGStrategy(Strategy):
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise UserError("strategy: expected a flwr.serverapp.strategy.Strategy")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise UserError(f"num_classes: must be an integer >= 2, got {num_classes!r}")
-        shape = tuple(input_shape)
-        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise UserError(f"input_shape: must be (channels, side, side), got {input_shape!r}")
-        if shape[1] != shape[2]:
-            raise UserError(f"input_shape: the generator makes square inputs, got {shape!r}")
         if not isinstance(min_teachers, int) or min_teachers < 1:
             raise UserError(f"min_teachers: must be an integer >= 1, got {min_teachers!r}")
-        if precision not in ("fp32", "bf16"):
-            raise UserError(f"precision: unknown value {precision!r}; use one of fp32, bf16")
         self.strategy = strategy
-        self.plugin_name = plugin
-        self.settings = plugin_settings(plugin, settings)
-        self.settings.resolve(num_classes)
-        self.num_classes = num_classes
-        self.input_shape = shape
-        self.min_teachers = min_teachers
-        self.evaluate_fn = evaluate_fn
-        self.seed = seed
-        self.device = resolve_device(device)
-        net = model if isinstance(model, nn.Module) else model()
-        if not isinstance(net, nn.Module):
-            raise UserError("model: expected a torch.nn.Module or a function returning one")
-        self.model = copy.deepcopy(net).to(self.device).eval()
-        self._shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        env = PluginEnv(
+        self.server_step = ServerStep(
+            plugin,
+            model=model,
             num_classes=num_classes,
-            channels=shape[0],
-            image_size=shape[1],
-            device=self.device,
+            input_shape=input_shape,
+            settings=settings,
             seed=seed,
+            device=device,
             precision=precision,
         )
-        self.plugin = registry.plugin(plugin).server(self.settings, env)
+        self.plugin_name = plugin
+        # the step's parts, under the names they had before it was ServerStep's
+        self.settings, self.plugin = self.server_step.settings, self.server_step.plugin
+        self.model, self.device = self.server_step.model, self.server_step.device
+        self.input_shape, self.seed = self.server_step.input_shape, seed
+        self.num_classes = num_classes
+        self.min_teachers = min_teachers
+        self.evaluate_fn = evaluate_fn
         self.rejected: list[str] = []  # "round r: node n: why", every rejection so far
 
     # ------------------------------------------------------------- the wrapped strategy
@@ -255,16 +199,7 @@ class FTGStrategy(Strategy):
         records = msg.content.array_records
         if len(records) != 1:
             return f"expected one ArrayRecord, got {len(records)}"
-        record = next(iter(records.values()))
-        if set(record.keys()) != set(self._shapes):
-            return "model has other keys than the global model"
-        for name, arr in record.items():
-            if tuple(arr.shape) != self._shapes[name]:
-                return f"model entry {name} has shape {tuple(arr.shape)}, not {self._shapes[name]}"
-        for name, tensor in record.to_torch_state_dict().items():
-            if not all_finite({name: tensor}):  # the engines' one NaN/Inf check
-                return f"model entry {name} holds NaN or Inf"
-        return None
+        return self.server_step.state_problem(next(iter(records.values())).to_torch_state_dict())
 
     def histogram(self, msg: Message) -> tuple[np.ndarray, str | None]:
         """A reply's label histogram and why it cannot be used (None if it can)."""
@@ -278,13 +213,8 @@ class FTGStrategy(Strategy):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in counts):
             return np.zeros(0), "label histogram holds non-numbers"
         values = np.asarray(counts, dtype=np.float64)
-        if not np.isfinite(values).all():
-            return np.zeros(0), "label histogram holds NaN or Inf"
-        if (values < 0).any():
-            return np.zeros(0), "label histogram has negative counts"
-        if values.sum() <= 0:
-            return np.zeros(0), "label histogram is empty"
-        return values, None
+        problem = counts_problem(values)
+        return (values, None) if problem is None else (np.zeros(0), f"label histogram {problem}")
 
     def _step(
         self,
@@ -295,23 +225,19 @@ class FTGStrategy(Strategy):
     ) -> ArrayRecord:
         """Run the server step on the aggregate ``arrays``; the step's metrics go into
         ``metrics``; returns the fine-tuned arrays."""
-        prefix, round_idx = self.plugin_name, server_round - 1
+        prefix = self.plugin_name
         start = time.perf_counter()
-        dev = self.device
-        self.model.load_state_dict({k: v.to(dev) for k, v in arrays.to_torch_state_dict().items()})
         self._evaluate(server_round, arrays, f"{prefix}-before", metrics)
-        like = self.model.state_dict()  # the teachers in the model's dtypes (a float64 upload)
-        states = [
-            {k: v.to(device=dev, dtype=like[k].dtype) for k, v in rec.to_torch_state_dict().items()}
-            for _, rec, _ in teachers
-        ]
-        counts = np.stack([h for _, _, h in teachers])
-        stack = StackedModels(self.model, states)
-        losses = plugin_step(self.plugin, self.model, stack, counts, self.seed, round_idx, dev)
+        state, losses = self.server_step.step(
+            arrays.to_torch_state_dict(),
+            [rec.to_torch_state_dict() for _, rec, _ in teachers],
+            np.stack([h for _, _, h in teachers]),
+            round=server_round - 1,
+        )
         for name, value in losses.items():
             if math.isfinite(value):
-                metrics[f"{prefix}-{name.replace('_', '-')}"] = float(value)
-        tuned = to_record(self.model.state_dict())
+                metrics[f"{prefix}-{name.replace('_', '-')}"] = value
+        tuned = to_record(state)
         metrics[f"{prefix}-server-s"] = time.perf_counter() - start
         self._evaluate(server_round, tuned, f"{prefix}-after", metrics)
         return tuned
@@ -330,9 +256,10 @@ class FTGStrategy(Strategy):
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What persists across rounds: the server step's state (FedFTG's generator).
-        Save it with ``torch.save``; the wrapped strategy keeps its own state."""
+        Save it with ``torch.save``; the wrapped strategy keeps its own state (and Flower
+        numbers the rounds)."""
         return self.plugin.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from `state_dict` output (e.g. after restarting the ServerApp)."""
-        self.plugin.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        self.server_step.load_plugin_state(state)

@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedftg.engine.clients import label_histogram
 from fedftg.errors import UserError
 from fedftg.flower.ftg import HISTOGRAM_KEY
 
 LabelsFn = Callable[[Context], Any]
+# Flower's mod signature, spelled out: its aliases live in flwr.clientapp.typing, which
+# Flower does not document as public
+ClientAppCallable = Callable[[Message, Context], Message]
+Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
 def add_label_histogram(
