@@ -84,7 +84,7 @@ class RunConfig:
     """
 
     # data
-    dataset: str = setting("digits", DATASETS.help_text, choices=DATASETS.names)
+    dataset: str = setting("digits", DATASETS.help_text, choices=DATASETS.choices)
     data_dir: str | None = setting(
         None,
         "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
@@ -114,7 +114,7 @@ class RunConfig:
     )
     rounds: int = setting(30, "communication rounds", check=POSITIVE_INT)
     # model and local training
-    model: str = setting("cnn", MODELS.help_text, choices=MODELS.names)
+    model: str = setting("cnn", MODELS.help_text, choices=MODELS.choices)
     local_epochs: int = setting(2, "local epochs per round", check=POSITIVE_INT)
     local_steps: int | None = setting(
         None,
@@ -264,7 +264,8 @@ class RunConfig:
         """Check every field; raise `UserError` naming the first bad one. Returns self."""
         for f, m in core_fields():
             check_value(f.name, getattr(self, f.name), m)
-        needs = DATASETS.get(self.dataset).data_dir
+        # an import path not imported yet needs no --data-dir (its function loads the data)
+        needs = DATASETS.get(self.dataset).data_dir if self.dataset in DATASETS else ""
         if needs and not self.data_dir:
             raise UserError(f"data_dir: the {self.dataset} dataset needs --data-dir ({needs})")
         if not self.method:
