@@ -48,6 +48,22 @@ def import_object(setting: str, path: str) -> Any:
     return obj
 
 
+def import_path_of(obj: Any) -> str | None:
+    """The import path naming ``obj`` (``module:qualname``), or None when it has none that
+    imports back to it: a lambda, a local or ``__main__`` definition, an object that
+    is not a module's top-level class or function."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
+        return None
+    path = f"{module}:{qualname}"
+    if not is_import_path(path):  # "<lambda>", "f.<locals>.g"
+        return None
+    try:
+        return path if import_object("", path) is obj else None
+    except UserError:
+        return None
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -66,11 +66,11 @@ def user_arrays(data: Any, num_classes: int | None = None) -> Arrays:
     return Arrays(x_train, y_train, x_test, y_test, classes)
 
 
-def arrays_digest(a: Arrays) -> str:
+def arrays_digest(arrays: Sequence[np.ndarray], num_classes: int) -> str:
     """The sha256 (hex) of the arrays' dtypes, shapes and bytes and the class count: the
     identity of a user's data in a run's settings."""
-    h = hashlib.sha256(str(a.num_classes).encode())
-    for x in (a.train_x, a.train_y, a.test_x, a.test_y):
+    h = hashlib.sha256(str(num_classes).encode())
+    for x in arrays:
         h.update(f"{x.dtype.str}{x.shape}".encode())
         h.update(np.ascontiguousarray(x).data)
     return h.hexdigest()
