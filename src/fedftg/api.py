@@ -156,7 +156,7 @@ def model_name(model: Any) -> str:
     name = "python:" + getattr(model, "__qualname__", type(model).__name__).replace(" ", "")
     known = MODELS.entries().get(name)
     if known is None or getattr(known.build, "made_from", None) is not model:
-        build = keyword_factory(model)
+        build = keyword_factory(model, name)
         build.made_from = model  # type: ignore[attr-defined]
         MODELS.add(name, ModelSpec(name, build, "from Python"), replace=True)
     return name

@@ -64,6 +64,20 @@ def import_path_of(obj: Any) -> str | None:
         return None
 
 
+def call_user(setting: str, name: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """``fn(**kwargs)``, a user's function behind ``name`` (a model factory, a data
+    loader); any exception it raises becomes a `UserError` naming ``setting`` and ``name``
+    (a `UserError` of its own passes as it is)."""
+    try:
+        return fn(**kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"{setting}: calling {name!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -29,7 +29,7 @@ from fedftg.data.arrays import user_arrays
 from fedftg.data.download import fetch, md5sum
 from fedftg.data.imagefolder import count_classes, load_imagefolder
 from fedftg.errors import UserError
-from fedftg.tables import Table
+from fedftg.tables import Table, call_user
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
@@ -141,7 +141,9 @@ def _resolve(path: str, load: object) -> DatasetSpec:
         raise UserError(
             f"dataset: {path!r} is a {type(load).__name__}, not a function returning the data"
         )
-    return DatasetSpec(path, lambda root, download: dataset_from(load(), path))
+    return DatasetSpec(
+        path, lambda root, download: dataset_from(call_user("dataset", path, load), path)
+    )
 
 
 DATASETS: Table[DatasetSpec] = Table("dataset", "dataset", _resolve)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedftg.errors import UserError
-from fedftg.tables import Table
+from fedftg.tables import Table, call_user
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,7 +45,7 @@ def _resolve(path: str, obj: Any) -> ModelSpec:
         raise UserError(
             f"model: {path!r} is a {type(obj).__name__}, not an nn.Module class or a factory"
         )
-    return ModelSpec(path, keyword_factory(obj))
+    return ModelSpec(path, keyword_factory(obj, path))
 
 
 MODELS: Table[ModelSpec] = Table("model", "model", _resolve)
@@ -53,10 +53,11 @@ MODELS: Table[ModelSpec] = Table("model", "model", _resolve)
 SIZE_KEYWORDS = ("in_channels", "image_size", "num_classes")
 
 
-def keyword_factory(make: Callable[..., Any]) -> ModelFactory:
-    """A `ModelFactory` calling a user's class or factory ``make`` with the keywords among
-    `SIZE_KEYWORDS` its signature accepts (all three when it takes ``**kwargs``), so that
-    ``MyNet(num_classes=10)`` and ``make_net(**sizes)`` both fit."""
+def keyword_factory(make: Callable[..., Any], name: str) -> ModelFactory:
+    """A `ModelFactory` calling a user's class or factory ``make`` (the model ``name``)
+    with the keywords among `SIZE_KEYWORDS` its signature accepts (all three when it takes
+    ``**kwargs``), so that ``MyNet(num_classes=10)`` and ``make_net(**sizes)`` both fit;
+    an exception it raises is a `UserError` naming it."""
     try:
         params = inspect.signature(make).parameters.values()
     except (TypeError, ValueError):  # no signature to read (a builtin): call it bare
@@ -71,7 +72,7 @@ def keyword_factory(make: Callable[..., Any]) -> ModelFactory:
 
     def build(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
         sizes = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
-        return make(**{k: sizes[k] for k in wanted})
+        return call_user("model", name, make, **{k: sizes[k] for k in wanted})
 
     return build
 
