@@ -34,6 +34,8 @@ from fedftg.report.report import metrics_rows
 from fedftg.tables import import_path_of
 
 API_HINTS = Hints(fresh="fresh=True", out="another out", resume="resume=True")
+# python:<qualname> -> the object registered under it in this process (`model_name`)
+_FROM_PYTHON: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,9 @@ def model_name(model: Any) -> str:
     if path is not None:
         return path
     name = "python:" + getattr(model, "__qualname__", type(model).__name__).replace(" ", "")
-    known = MODELS.entries().get(name)
-    if known is None or getattr(known.build, "made_from", None) is not model:
-        build = keyword_factory(model, name)
-        build.made_from = model  # type: ignore[attr-defined]
-        MODELS.add(name, ModelSpec(name, build, "from Python"), replace=True)
+    if name not in MODELS or _FROM_PYTHON.get(name) is not model:
+        MODELS.add(name, ModelSpec(name, keyword_factory(model, name), "from Python"), replace=True)
+        _FROM_PYTHON[name] = model
     return name
 
 

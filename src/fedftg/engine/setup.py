@@ -82,8 +82,9 @@ def check_model_for(cfg: RunConfig, model: nn.Module, num_classes: int) -> None:
     (MOON, FedGen: `reads_features` on their specs) and ``model`` lacks the ``features`` /
     ``classifier`` split (every model has passed `fedftg.models.check_contract`)."""
     for display, base, plugin in cfg.methods():
-        specs = [registry.method(base), *([registry.plugin(plugin)] if plugin else [])]
-        if any(spec.reads_features for spec in specs):
+        if registry.method(base).reads_features or (
+            plugin is not None and registry.plugin(plugin).reads_features
+        ):
             check_split(cfg.model, model, num_classes, display)
 
 

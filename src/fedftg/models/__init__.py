@@ -59,9 +59,9 @@ def keyword_factory(make: Callable[..., Any], name: str) -> ModelFactory:
     ``**kwargs``), so that ``MyNet(num_classes=10)`` and ``make_net(**sizes)`` both fit;
     an exception it raises is a `UserError` naming it."""
     try:
-        params = inspect.signature(make).parameters.values()
+        params = list(inspect.signature(make).parameters.values())
     except (TypeError, ValueError):  # no signature to read (a builtin): call it bare
-        params = []  # type: ignore[assignment]
+        params = []
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     named = {
         p.name
