@@ -5,6 +5,8 @@ written; float images kept exact."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from fedftg.data.sources import DATASETS
 from fedftg.models import MODELS
 
 TINY = {"rounds": 1, "clients": 3, "local_steps": 2, "participation": 1}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -209,3 +212,25 @@ def test_a_float_dataset_runs(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"].startswith(
         "arrays:"
     )
+
+
+def test_the_readme_example_runs_shrunk(tmp_path, monkeypatch, capsys):
+    """README's Python block as written, its run at test size (2 rounds of 4 clients)."""
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+        if "fedftg.run(" in b
+    ]
+    monkeypatch.chdir(REPO)  # examples.mynets, from the repository's root
+    monkeypatch.syspath_prepend(str(REPO))
+    real = fedftg.api.run
+
+    def shrunk(**kwargs):
+        small = {**TINY, "rounds": 2, "clients": 4, "ftg": {"iterations": 1}}
+        return real(**{**kwargs, **small, "out": str(tmp_path / "run")})
+
+    monkeypatch.setattr(fedftg.api, "run", shrunk)
+    exec(compile(block, "README.md", "exec"), {})
+    assert str(tmp_path / "run") in capsys.readouterr().out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == "examples.mynets:SmallNet" and config["alpha"] == 0.3

@@ -18,7 +18,9 @@ where the model or the data is needed.
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -34,9 +36,12 @@ def is_import_path(name: object) -> bool:
 
 
 def import_object(setting: str, path: str) -> Any:
-    """The object import path ``path`` names; a module that does not import or an attribute
-    it lacks is a `UserError` naming ``setting`` and the path."""
+    """The object import path ``path`` names, looked for in the current directory first
+    (as ``python -m`` does), then on ``sys.path``; a module that does not import or an
+    attribute it lacks is a `UserError` naming ``setting`` and the path."""
     module_name, _, attrs = path.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own folder first
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail in any way while it runs
