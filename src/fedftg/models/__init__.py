@@ -96,27 +96,27 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
     spec = MODELS.get(name)
     model = spec.build(in_channels, image_size, num_classes)
     key = (spec, in_channels, image_size, num_classes)
-    check_contract(name, model, (in_channels, image_size, image_size), num_classes, key)
+    check_contract(name, model, num_classes, (in_channels, image_size, image_size), key)
     return model
 
 
 def check_contract(
     name: str,
     model: Any,
-    input_shape: tuple[int, int, int],
     num_classes: int,
+    input_shape: tuple[int, int, int] | None = None,
     key: tuple[ModelSpec, int, int, int] | None = None,
 ) -> None:
     """Raise `UserError` unless ``model`` is an ``nn.Module`` whose forward maps a batch of
-    two ``input_shape`` images to (2, num_classes) logits (`ModelSpec`). The dry forward
-    runs in eval mode without gradients (no BatchNorm statistic and no random draw
-    changes), once per ``key``."""
+    two ``input_shape`` images (when given) to (2, num_classes) logits (`ModelSpec`). The
+    dry forward runs in eval mode without gradients (no BatchNorm statistic and no random
+    draw changes), once per ``key``."""
     from torch import nn
 
     where = f"model: {name!r} built a {type(model).__name__}"
     if not isinstance(model, nn.Module):
         raise UserError(f"{where}, not a torch.nn.Module")
-    if key is not None and key in _CHECKED:
+    if input_shape is None or (key is not None and key in _CHECKED):
         return
     import torch
 
