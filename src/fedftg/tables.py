@@ -162,11 +162,13 @@ class Table(Generic[Entry]):
         return names
 
     def help_text(self) -> str:
-        """The names with their notes, for a setting's help: ``iid, dirichlet (authors')``."""
-        return ", ".join(
+        """The names with their notes, for a setting's help: ``iid, dirichlet (authors')``;
+        then, for a table that resolves them, ``or an import path module:attr``."""
+        names = ", ".join(
             f"{name} ({entry.note})" if entry.note else name
             for name, entry in self._entries.items()
         )
+        return names + (", or an import path module:attr" if self._resolve else "")
 
     def entries(self) -> dict[str, Entry]:
         """A copy of the table: name -> entry, in registration order."""
