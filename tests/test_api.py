@@ -69,7 +69,12 @@ def _tensors(seed: int = 0, n: int = 150, classes: int = 3) -> tuple[torch.Tenso
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
     xt = torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8)
-    return x, torch.randint(0, classes, (n,), generator=g), xt, torch.randint(0, classes, (40,))
+    return (
+        x,
+        torch.randint(0, classes, (n,), generator=g),
+        xt,
+        torch.randint(0, classes, (40,), generator=g),
+    )
 
 
 def test_a_custom_module_and_tensors_run_three_methods_and_resume(tmp_path):
@@ -185,6 +190,13 @@ def test_identifiers_follow_the_data_not_its_container():
     name = model_name(Local)  # not importable: registered in this process
     assert name == "python:test_identifiers_follow_the_data_not_its_container.<locals>.Local"
     assert MODELS.get(name).build(1, 8, 3).__class__ is Local
+    first = Local
+
+    class Local(PlainNet):  # redefined, as in a notebook: the new class replaces it
+        pass
+
+    assert model_name(Local) == name and MODELS.get(name).build(1, 8, 3).__class__ is Local
+    assert Local is not first
 
 
 def test_float_images_are_kept_exact_and_normalised_with_their_own_statistics():
@@ -234,3 +246,21 @@ def test_the_readme_example_runs_shrunk(tmp_path, monkeypatch, capsys):
     assert str(tmp_path / "run") in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"] == "examples.mynets:SmallNet" and config["alpha"] == 0.3
+
+
+def test_a_forward_only_model_trains_alike_in_both_client_paths(tmp_path):
+    """The vectorised clients call the plain forward too when no term reads features."""
+    runs = [
+        fedftg.run(
+            method="fedavg,fedprox",
+            model=PlainNet,
+            dataset=_tensors(),
+            client_batching=b,
+            out=str(tmp_path / b),
+            **TINY,
+        )  # fmt: skip
+        for b in ("sequential", "vmap")
+    ]
+    for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
