@@ -5,6 +5,7 @@ match; each bad path one ``error:`` line with nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -150,3 +151,32 @@ def test_import_paths_name_objects_both_ways():
     assert import_path_of(local) is None
     with pytest.raises(UserError, match="dataset: cannot import 'fedftg:nothing'"):
         import_object("dataset", "fedftg:nothing")
+
+
+@pytest.mark.processes
+def test_a_flower_federation_resolves_the_same_import_paths(user_module, tmp_path, monkeypatch):
+    """The ServerApp and the ClientApps import the user's module in their own processes."""
+    from flower_federation import available, running
+
+    if not available():
+        pytest.skip("flower-superlink is not installed")
+    pythonpath = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(pythonpath))
+    out = tmp_path / "flower"
+    settings = {
+        "clients": 3,
+        "participation": 1.0,
+        "rounds": 1,
+        "local-epochs": 1,
+        "method": "fedavg,moon",
+        "model": "usernets:make_net",
+        "dataset": "usernets:load",
+        "out": str(out),
+    }
+    with running(tmp_path / "fed", nodes=3, simulation=True) as fed:
+        proc = fed.run(" ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()), nodes=3)
+        assert fed.status(proc.stdout)["status"] == "finished:completed", proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["dataset"]) == ("usernets:make_net", "usernets:load")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "flower" and set(summary["methods"]) == {"fedavg", "moon"}
