@@ -264,3 +264,18 @@ def test_a_forward_only_model_trains_alike_in_both_client_paths(tmp_path):
     for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+def test_a_config_file_then_keywords_and_a_preset_with_groups_refused(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('alpha = 0.7\nmethod = "fedprox"\n[fedprox]\nmu = 0.05\n')
+    result = fedftg.run(config=toml, model=PlainNet, dataset=_tensors(), out=str(tmp_path / "r"),
+                        **TINY)  # fmt: skip
+    assert (result.config["alpha"], result.config["fedprox"]["mu"]) == (0.7, 0.05)
+    assert result.config["method"] == ["fedprox"] and result.config["rounds"] == 1
+    with pytest.raises(fedftg.UserError, match="^preset: paper-cifar10-cpu has .* groups"):
+        fedftg.run(preset="paper-cifar10-cpu", out=str(tmp_path / "p"))
+    with pytest.raises(fedftg.UserError, match=r"c.toml: roundz: unknown setting"):
+        toml.write_text("roundz = 3\n")
+        fedftg.run(config=toml)
+    assert not (tmp_path / "p").exists()
