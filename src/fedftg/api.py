@@ -27,11 +27,13 @@ from fedftg.config import RunConfig, Source, file_source, settings_from
 from fedftg.data.arrays import arrays_digest
 from fedftg.data.sources import DATASETS, DatasetSpec, dataset_from
 from fedftg.engine.loop import DEFAULTS
+from fedftg.engine.run import run_experiment
 from fedftg.engine.rundir import Hints
 from fedftg.errors import UserError
 from fedftg.models import MODELS, ModelSpec, keyword_factory
 from fedftg.report.report import metrics_rows
 from fedftg.tables import import_path_of
+from fedftg.threads import apply_threads, other_running, plan_threads, usable_cores
 
 API_HINTS = Hints(fresh="fresh=True", out="another out", resume="resume=True")
 # python:<qualname> -> the object registered under it in this process (`model_name`)
@@ -101,12 +103,7 @@ def run(
     elif num_classes is not None:
         raise UserError("num_classes: only for a dataset given as arrays or tensors")
     cfg = _config(values, config, preset)
-
-    from fedftg.threads import apply_threads, other_running, plan_threads, usable_cores
-
     apply_threads(plan_threads(usable_cores(), 1, cfg.threads, os.environ, other_running()))
-    from fedftg.engine.run import run_experiment
-
     opened: list[Path] = []
     run_experiment(
         cfg,
