@@ -143,6 +143,7 @@ def test_every_documented_fedftg_command_parses(tmp_path, capsys, monkeypatch):
 def test_every_documented_fedftg_command_runs_shrunk(where, argvs, tmp_path, capsys, monkeypatch):
     """Each block's fedftg commands in order (a report reads its block's sweep), shrunk."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))  # --model examples.mynets:SmallNet
     for argv in argvs:
         code, _, err = _run(capsys, shrink(argv))
         assert code == 0, (where, argv, shrink(argv), err[-2000:])

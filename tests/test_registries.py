@@ -209,6 +209,19 @@ def test_a_bad_registration_is_refused_and_leaves_the_table_alone(register, mess
 
 
 class NoFeatures(nn.Module):
+    """A classifier with a plain forward and no features / classifier split."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class NoForward(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()
         self.classifier = nn.Linear(in_channels * image_size * image_size, num_classes)
@@ -221,19 +234,36 @@ class WrongHead(TinyNet):
 
 
 @pytest.mark.parametrize(
-    ("factory", "message"),
+    ("factory", "method", "message"),
     [
-        (NoFeatures, "NoFeatures without a features"),
-        (WrongHead, "WrongHead whose classifier is not an nn.Linear to 10 classes"),
-        (lambda c, s, k: TinyNet(c, s, k + 1), "not an nn.Linear to 10 classes"),
-        (lambda c, s, k: "a net", "built a str, not a torch.nn.Module"),
+        (NoForward, "fedavg", "NoForward whose forward fails on a (2, 1, 8, 8) batch"),
+        (NoFeatures, "moon", "NoFeatures without a features(x) method, which moon needs"),
+        (WrongHead, "fedavg,fedgen", "not an nn.Linear to 10 classes, which fedgen needs"),
+        (
+            lambda c, s, k: TinyNet(c, s, k + 1),
+            "fedavg",
+            "forward gives (2, 11) for a batch of 2, not (2, 10) logits",
+        ),
+        (lambda c, s, k: "a net", "fedavg", "built a str, not a torch.nn.Module"),
     ],
 )
-def test_a_model_breaking_the_contract_is_one_error_line(factory, message, tmp_path, capsys):
+def test_a_model_breaking_the_contract_is_one_error_line(
+    factory, method, message, tmp_path, capsys
+):
     register_model("broken", factory)
-    code, _, err = run_cli(capsys, ["run", *TINY, "--model", "broken", "--out", str(tmp_path)])
+    out = tmp_path / "run"
+    args = ["run", *TINY, "--model", "broken", "--method", method, "--out", str(out)]
+    code, _, err = run_cli(capsys, args)
     assert code == 2 and err.startswith("error: model: 'broken' built a") and message in err
     assert err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("factory", [NoFeatures, WrongHead])
+def test_a_model_without_the_split_runs_the_methods_that_do_not_read_it(factory, tmp_path, capsys):
+    register_model("plain", factory)
+    _, summary = _run(capsys, tmp_path, ["--model", "plain", "--method", "fedavg,fedftg,fedprox"])
+    assert set(summary["methods"]) == {"fedavg", "fedftg", "fedprox"}
 
 
 def test_a_dataset_unlike_its_declaration_is_refused_when_loaded():

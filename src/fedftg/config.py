@@ -86,7 +86,7 @@ class RunConfig:
     """
 
     # data
-    dataset: str = setting("digits", DATASETS.help_text, choices=DATASETS.names)
+    dataset: str = setting("digits", DATASETS.help_text, choices=DATASETS.choices)
     data_dir: str | None = setting(
         None,
         "folder with the dataset files (default $FEDFTG_DATA or ~/.cache/fedftg/data)",
@@ -121,7 +121,7 @@ class RunConfig:
     )
     rounds: int = setting(30, "communication rounds", check=POSITIVE_INT)
     # model and local training
-    model: str = setting("cnn", MODELS.help_text, choices=MODELS.names)
+    model: str = setting("cnn", MODELS.help_text, choices=MODELS.choices)
     local_epochs: int = setting(2, "local epochs per round", check=POSITIVE_INT)
     local_steps: int | None = setting(
         None,
@@ -278,7 +278,8 @@ class RunConfig:
                 f"partition_args: the {self.partition} scheme takes none "
                 "(a flwr:<Partitioner> does)"
             )
-        needs = DATASETS.get(self.dataset).data_dir
+        # an import path not imported yet needs no --data-dir (its function loads the data)
+        needs = DATASETS.get(self.dataset).data_dir if self.dataset in DATASETS else ""
         if needs and not self.data_dir:
             raise UserError(f"data_dir: the {self.dataset} dataset needs --data-dir ({needs})")
         if not self.method:

@@ -1,8 +1,9 @@
 """Data on the device: uint8 tensors, batched normalisation and augmentation, index batches.
 
-Images stay uint8 on the training device; a batch is gathered by index, converted and
-normalised in one tensor operation, and augmented (horizontal flip, 4-pixel pad + random
-crop) for the whole batch at once. No per-sample Python.
+Images stay uint8 on the training device (float32 images of a user's own data stay
+float32); a batch is gathered by index, converted and normalised in one tensor operation,
+and augmented (horizontal flip, 4-pixel pad + random crop) for the whole batch at once. No
+per-sample Python.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import torch
 
 
 class DeviceArrays:
-    """A split's images and labels resident on ``device``, with its normalisation."""
+    """A split's images and labels resident on ``device``, with its normalisation.
+
+    ``x`` is uint8 (``mean`` and ``std`` on the [0, 1] pixel scale) or float32 (``mean``
+    and ``std`` on the images' own scale: they are normalised as they are).
+    """
 
     def __init__(
         self,
@@ -27,10 +32,10 @@ class DeviceArrays:
         self.x = torch.as_tensor(np.ascontiguousarray(x), device=device)
         self.y = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
         shape = (1, len(mean), 1, 1)
-        # x_norm = (x/255 - mean) / std == x * scale + shift
+        # x_norm = (x/255 - mean) / std == x * scale + shift (float images: x, not x/255)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
-        self._scale = 1.0 / (255.0 * std_t)
+        self._scale = 1.0 / (255.0 * std_t) if self.x.dtype == torch.uint8 else 1.0 / std_t
         self._shift = -mean_t / std_t
 
     def __len__(self) -> int:
@@ -40,9 +45,10 @@ class DeviceArrays:
         """Normalised float images and labels at ``idx``."""
         return self.normalise(self.x[idx]), self.y[idx]
 
-    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 normalised with the dataset's mean and std."""
-        return x_uint8.float() * self._scale + self._shift
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or float32 (B, C, H, W) -> float32 normalised with the dataset's mean and
+        std."""
+        return x.float() * self._scale + self._shift
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

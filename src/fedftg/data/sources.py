@@ -25,17 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
+from fedftg.data.arrays import user_arrays
 from fedftg.data.download import fetch, md5sum
 from fedftg.data.imagefolder import count_classes, load_imagefolder
 from fedftg.errors import UserError
-from fedftg.tables import Table
+from fedftg.tables import Table, call_user
+
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test images (uint8, N x C x H x W), int64 labels and per-channel statistics.
+    """Train and test images (N x C x H x W), int64 labels and per-channel statistics.
 
-    ``mean`` and ``std`` are per channel on the [0, 1] pixel scale, for normalisation.
+    Images are uint8, or float32 for a user's own data (`fedftg.data.arrays`), kept exact.
+    ``mean`` and ``std`` are per channel, for normalisation: on the [0, 1] pixel scale for
+    uint8 images, on the images' own scale for float32 ones.
     """
 
     name: str
@@ -52,8 +57,15 @@ class Dataset:
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
-            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != self.train_x.shape[1:]:
-                raise ValueError(f"{self.name}: {split}_x is {x.dtype} {x.shape}, not uint8 NCHW")
+            if (
+                x.dtype not in IMAGE_DTYPES
+                or x.dtype != self.train_x.dtype
+                or x.ndim != 4
+                or x.shape[1:] != self.train_x.shape[1:]
+            ):
+                raise ValueError(
+                    f"{self.name}: {split}_x is {x.dtype} {x.shape}, not uint8 or float32 NCHW"
+                )
             if y.dtype != np.int64 or y.shape != (len(x),):
                 raise ValueError(f"{self.name}: {split}_y is {y.dtype} {y.shape}, not int64 (N,)")
         if not len(self.mean) == len(self.std) == self.channels:
@@ -110,7 +122,31 @@ class DatasetSpec:
         return self.channels, self.image_size, self.num_classes
 
 
-DATASETS: Table[DatasetSpec] = Table("dataset", "dataset")
+def dataset_from(data: object, name: str, num_classes: int | None = None) -> Dataset:
+    """A user's data as a `Dataset` named ``name``: a `Dataset` as it is, any form
+    `fedftg.data.arrays.user_arrays` accepts checked and converted (class names "0".."C-1",
+    the statistics of its training images)."""
+    if isinstance(data, Dataset):
+        return data
+    a = user_arrays(data, num_classes)
+    mean, std = channel_stats(a.train_x)
+    classes = tuple(str(c) for c in range(a.num_classes))
+    return Dataset(name, a.train_x, a.train_y, a.test_x, a.test_y, classes, mean, std)
+
+
+def _resolve(path: str, load: object) -> DatasetSpec:
+    """The entry of an imported dataset: a function, called without arguments, returning
+    the data in a form `dataset_from` takes."""
+    if not callable(load):
+        raise UserError(
+            f"dataset: {path!r} is a {type(load).__name__}, not a function returning the data"
+        )
+    return DatasetSpec(
+        path, lambda root, download: dataset_from(call_user("dataset", path, load), path)
+    )
+
+
+DATASETS: Table[DatasetSpec] = Table("dataset", "dataset", _resolve)
 
 
 def register_dataset(
@@ -209,11 +245,14 @@ def _as_declared(spec: DatasetSpec, ds: Dataset) -> Dataset:
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean and std of uint8 (N, C, H, W) images on the [0, 1] scale.
+    """Exact per-channel mean and std of uint8 (N, C, H, W) images on the [0, 1] scale
+    (float32 images: on their own scale, `float_channel_stats`).
 
     Works from a 256-bin histogram per channel, in chunks, so even CIFAR-sized arrays
     need no float copy.
     """
+    if x.dtype != np.uint8:
+        return float_channel_stats(x)
     hist = np.zeros((x.shape[1], 256), dtype=np.int64)
     for start in range(0, len(x), 4096):
         for c, channel in enumerate(x[start : start + 4096].swapaxes(0, 1)):
@@ -227,6 +266,15 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
         tuple(round(float(m), 4) for m in mean),
         tuple(round(max(float(s), 1e-3), 4) for s in std),
     )
+
+
+def float_channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of float (N, C, H, W) images on their own scale, summed in
+    float64; a constant channel gets std 1 (it is only shifted)."""
+    flat = x.swapaxes(0, 1).reshape(x.shape[1], -1)
+    mean = flat.mean(axis=1, dtype=np.float64)
+    std = flat.std(axis=1, dtype=np.float64)
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
 
 
 def _load_imagefolder(source: Path, download: bool) -> Dataset:

@@ -22,7 +22,7 @@ from fedftg.engine.loop import (
 )
 from fedftg.engine.progress import Reporter
 from fedftg.engine.records import RoundRecord
-from fedftg.engine.rundir import RunDir
+from fedftg.engine.rundir import CLI_HINTS, Hints, RunDir
 from fedftg.engine.server import ServerRunner
 from fedftg.engine.setup import Setup, prepare
 from fedftg.errors import UserError
@@ -42,6 +42,8 @@ def run_experiment(
     verbosity: int = 1,
     tensorboard: bool = False,
     on_divergence: str = DEFAULTS.on_divergence,
+    hints: Hints = CLI_HINTS,
+    opened: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Run all methods of ``cfg``; write the run directory (`fedftg.engine.rundir`).
 
@@ -55,6 +57,8 @@ def run_experiment(
     A method that diverges (NaN/Inf model or loss) gets ``status: diverged`` in the
     summary; ``on_divergence="stop"`` then writes the outputs and raises `Diverged`,
     ``"continue"`` goes on with the other methods.
+    ``hints`` name the caller's options in messages (``--fresh``); ``opened`` is called
+    with the run directory once it is open (the Python API reads its files after).
     Returns the summary (per method: final_acc, best_acc, rounds, wall_s).
     """
     stream = stream or sys.stdout
@@ -63,8 +67,15 @@ def run_experiment(
     reporter = Reporter.for_run(progress, verbosity)
     setup = prepare(cfg)  # bad input (data, sizes) is reported before the directory
     with RunDir.open(
-        cfg, engine="in-process", fresh=fresh, resume=resume, keep_checkpoint=keep_checkpoint
+        cfg,
+        engine="in-process",
+        fresh=fresh,
+        resume=resume,
+        keep_checkpoint=keep_checkpoint,
+        hints=hints,
     ) as run:
+        if opened is not None:
+            opened(run.path)
         cfg = run.cfg
         board = TensorBoard(run.path / "tensorboard") if tensorboard else None
         run.start(setup.partition, setup.dataset)

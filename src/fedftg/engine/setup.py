@@ -22,7 +22,7 @@ from fedftg.fl.client import (
     detached_state,
 )
 from fedftg.fl.plugin import ClientHalf, PluginEnv, ServerPlugin
-from fedftg.models import build_model
+from fedftg.models import build_model, check_split
 from fedftg.seeding import derive_seed
 
 
@@ -68,11 +68,24 @@ def split_clients(cfg: RunConfig, ds: Dataset) -> Partition:
 
 
 def initial_state(cfg: RunConfig, ds: Dataset) -> State:
-    """The seeded initial global model, the same for every method and engine."""
+    """The seeded initial global model, the same for every method and engine; checked to
+    have what the run's methods need of it (`check_model_for`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         init = build_model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    check_model_for(cfg, init, ds.num_classes)
     return detached_state(init)
+
+
+def check_model_for(cfg: RunConfig, model: nn.Module, num_classes: int) -> None:
+    """A `UserError` naming the method if a method of the run reads the representation
+    (MOON, FedGen: `reads_features` on their specs) and ``model`` lacks the ``features`` /
+    ``classifier`` split (every model has passed `fedftg.models.check_contract`)."""
+    for display, base, plugin in cfg.methods():
+        if registry.method(base).reads_features or (
+            plugin is not None and registry.plugin(plugin).reads_features
+        ):
+            check_split(cfg.model, model, num_classes, display)
 
 
 def prepare(cfg: RunConfig) -> Setup:

@@ -26,8 +26,9 @@ from fedftg.models.stacked import meta_copy
 from fedftg.precision import autocast
 
 # fn(params, client, shared, features, logits, batch) -> extra loss term; batch holds the
-# step's inputs "x" (as the model sees them, augmented) and "y", and what `Term.prepare` adds
-TermFn = Callable[[State, State, State, torch.Tensor, torch.Tensor, State], torch.Tensor]
+# step's inputs "x" (as the model sees them, augmented) and "y", and what `Term.prepare` adds;
+# features are None unless the term asks for them (`Term.features`)
+TermFn = Callable[[State, State, State, "torch.Tensor | None", torch.Tensor, State], torch.Tensor]
 
 
 @dataclass
@@ -42,13 +43,16 @@ class Term:
     generator, drawn from the term's own random stream); they join ``batch``. Nothing
     per-client is captured in ``fn``, so one definition serves the sequential loop and the
     vectorised path, which stacks ``client`` and the prepared inputs over clients and
-    vmaps ``fn``.
+    vmaps ``fn``. ``features``: ``fn`` reads the model's features (MOON), so the loop runs
+    the model as ``features`` then ``classifier``; otherwise it calls the plain forward
+    (any model) and ``fn`` gets None for them.
     """
 
     fn: TermFn
     client: State = field(default_factory=dict)
     shared: State = field(default_factory=dict)
     prepare: Callable[[torch.Tensor, torch.Tensor], State] | None = None
+    features: bool = False
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> State:
         """The per-step ``batch`` of ``fn``: x, y and what ``prepare`` adds."""
@@ -56,12 +60,12 @@ class Term:
         return {"x": x, "y": y, **extra}
 
     def __call__(
-        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
+        self, params: State, feats: torch.Tensor | None, logits: torch.Tensor, batch: State
     ) -> torch.Tensor:
         return self.fn(params, self.client, self.shared, feats, logits, batch)
 
     def parts(
-        self, params: State, feats: torch.Tensor, logits: torch.Tensor, batch: State
+        self, params: State, feats: torch.Tensor | None, logits: torch.Tensor, batch: State
     ) -> tuple[torch.Tensor, ...]:
         """The values of the summed terms of `combine_terms` (one value for a plain term),
         so that a plug-in's part can be logged apart from the method's."""
@@ -79,7 +83,7 @@ class _SumOfTerms:
         params: State,
         client: State,
         shared: State,
-        feats: torch.Tensor,
+        feats: torch.Tensor | None,
         logits: torch.Tensor,
         batch: State,
     ) -> torch.Tensor:
@@ -90,7 +94,7 @@ class _SumOfTerms:
         params: State,
         client: State,
         shared: State,
-        feats: torch.Tensor,
+        feats: torch.Tensor | None,
         logits: torch.Tensor,
         batch: State,
     ) -> tuple[torch.Tensor, ...]:
@@ -128,7 +132,7 @@ def term_parts(
     params: State,
     client: State,
     shared: State,
-    feats: torch.Tensor,
+    feats: torch.Tensor | None,
     logits: torch.Tensor,
     batch: State,
 ) -> tuple[torch.Tensor, ...]:
@@ -166,6 +170,7 @@ def combine_terms(*terms: Term | None) -> Term | None:
         client=_prefixed([t.client for t in present]),
         shared=_prefixed([t.shared for t in present]),
         prepare=prepare if preparers else None,
+        features=any(t.features for t in present),
     )
 
 
@@ -285,8 +290,15 @@ class Classifier(Protocol):
     def classifier(self, feats: torch.Tensor) -> torch.Tensor: ...
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features and the logits of ``x`` from one pass through classifier ``model``."""
+def features_and_logits(
+    model: nn.Module, x: torch.Tensor, features: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The features and the logits of ``x`` from one pass through classifier ``model``;
+    without ``features``, (None, the plain forward's logits): what a model without the
+    split can give (for the built-in ones the same numbers, their forward being
+    ``classifier(features(x))``)."""
+    if not features:
+        return None, model(x)
     net = cast(Classifier, model)  # nn.Module types any attribute as Tensor | Module
     feats = net.features(x)
     return feats, net.classifier(feats)
@@ -331,7 +343,7 @@ def train_local(
             x = augment(x, gen)
         batch = term.inputs(x, y) if term is not None else {}
         with autocast(x.device, spec.precision):
-            feats, logits = features_and_logits(model, x)
+            feats, logits = features_and_logits(model, x, term is not None and term.features)
             loss = F.cross_entropy(logits, y)
             logged = loss  # what train_loss reports: without a plug-in's part
             if term is not None:
@@ -359,37 +371,41 @@ def train_local(
 
 
 class _FeaturesLogits(nn.Module):
-    """Wraps a classifier so one `functional_call` returns (features, logits)."""
+    """Wraps a classifier so one `functional_call` returns (features, logits), or (None,
+    logits) without ``features`` (`features_and_logits`)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, features: bool = True) -> None:
         super().__init__()
         self.net = net
+        self.with_features = features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return features_and_logits(self.net, x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return features_and_logits(self.net, x, self.with_features)
 
 
-_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = (
+_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def functional_template(model: nn.Module, train: bool) -> nn.Module:
-    """A weightless (meta) copy of ``model`` in train or eval mode for `call_model`.
+def functional_template(model: nn.Module, train: bool, features: bool = True) -> nn.Module:
+    """A weightless (meta) copy of ``model`` in train or eval mode for `call_model`, which
+    gives its features too when ``features``.
 
-    Cached per model and mode: it only carries the architecture; every parameter and
-    buffer is supplied at each call.
+    Cached per model, mode and ``features``: it only carries the architecture; every
+    parameter and buffer is supplied at each call.
     """
     cached = _TEMPLATES.setdefault(model, {})
-    if train not in cached:
-        cached[train] = _FeaturesLogits(meta_copy(model)).train(train)
-    return cached[train]
+    if (train, features) not in cached:
+        cached[train, features] = _FeaturesLogits(meta_copy(model), features).train(train)
+    return cached[train, features]
 
 
 def call_model(
     template: nn.Module, state: State, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, logits) of the model with parameters and buffers ``state`` on ``x``.
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(features, logits) of the model with parameters and buffers ``state`` on ``x``
+    (features None for a template made without them).
 
     Works under `torch.func.vmap` with batched ``state`` (one model per client); in train
     mode BatchNorm updates the running statistics in ``state`` in place.

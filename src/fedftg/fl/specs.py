@@ -28,6 +28,8 @@ class MethodSpec(Generic[M]):
 
     ``build(settings, cfg)`` makes the method from its settings (None when it has none) and
     the run's config (for the shared local-training settings such as ``lr``).
+    ``reads_features``: its term reads the model's representation, so the model needs the
+    ``features`` / ``classifier`` split (`fedftg.models.check_split`).
     """
 
     name: str
@@ -35,6 +37,7 @@ class MethodSpec(Generic[M]):
     build: Callable[[M, RunConfig], ClientMethod]
     settings: type[M] | None = None
     order: int = 100
+    reads_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class PluginSpec(Generic[P]):
     ``samples``: the server side has ``sample_images(per_class, generator)`` and the run
     directory gets a figure of generated samples. ``fine_tunes``: the server step changes
     the aggregate (so the engine measures the accuracy before it); False for a plug-in that
-    only trains state of its own (FedGen's generator).
+    only trains state of its own (FedGen's generator). ``reads_features``: it works on
+    the model's ``features`` / ``classifier`` split (`fedftg.models.check_split`).
     """
 
     name: str
@@ -61,3 +65,4 @@ class PluginSpec(Generic[P]):
     samples: bool = False
     fine_tunes: bool = True
     order: int = 100
+    reads_features: bool = False

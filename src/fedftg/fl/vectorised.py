@@ -157,7 +157,9 @@ class _Stepper:
         self.momentum: State = {}
         self.spec = spec
         self.n_clients = len(terms)
-        self.template = functional_template(model, train=True)
+        self.template = functional_template(
+            model, train=True, features=any(t is not None and t.features for t in terms)
+        )
         # one method for all clients: the same term function; shared inputs are the same
         # global model; per-client inputs are stacked
         self.term_fn = None

@@ -36,7 +36,7 @@ class Moon(ClientMethod):
             params: State,
             client: State,
             shared: State,
-            feats: torch.Tensor,
+            feats: torch.Tensor | None,
             logits: torch.Tensor,
             batch: State,
         ) -> torch.Tensor:
@@ -44,10 +44,11 @@ class Moon(ClientMethod):
             with torch.no_grad():  # both representations are fixed targets (eval mode)
                 z_glob = call_model(net, shared, x)[0]
                 z_prev = call_model(net, client, x)[0]
+            assert feats is not None and z_glob is not None and z_prev is not None
             return self.mu * moon_contrastive(feats, z_glob, z_prev, self.tau)
 
         prev = dict(ctx.client_state or ctx.global_state)
-        return Term(term, client=prev, shared=dict(ctx.global_state))
+        return Term(term, client=prev, shared=dict(ctx.global_state), features=True)
 
     def finish(
         self, model: nn.Module, ctx: LocalContext, steps: int, lr: float

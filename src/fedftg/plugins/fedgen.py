@@ -515,7 +515,7 @@ def _client_term(
     params: State,
     client: State,
     shared: State,
-    feats: torch.Tensor,
+    feats: torch.Tensor | None,
     logits: torch.Tensor,
     batch: State,
 ) -> torch.Tensor:

@@ -43,4 +43,5 @@ METHOD = MethodSpec(
     settings=MoonSettings,
     build=_build,
     order=40,
+    reads_features=True,
 )

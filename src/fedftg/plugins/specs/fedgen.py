@@ -154,4 +154,5 @@ PLUGIN = PluginSpec(
     alias="fedgen",
     fine_tunes=False,
     order=30,
+    reads_features=True,
 )
