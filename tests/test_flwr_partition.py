@@ -312,7 +312,7 @@ def test_a_registered_partitioner_object_is_a_scheme_for_the_process(flwr):
 
     obj = flwr.DirichletPartitioner(6, "label", alpha=0.3, seed=7)
     name = register_partitioner(obj)
-    assert re.fullmatch(r"python:DirichletPartitioner-[0-9]+", name)
+    assert re.fullmatch(r"python:DirichletPartitioner-[0-9a-f]{8}", name)
     assert name in SCHEMES
     a, b = split(name, seed=0), split(name, seed=0)  # a copy splits: the object serves again
     assert same(a, b) and not obj.is_dataset_assigned()
@@ -382,3 +382,30 @@ def test_a_registered_object_runs_in_process_and_records_its_name(flwr, tmp_path
     assert summary["partition"]["classes_per_client_mean"] == 2
     with pytest.raises(UserError, match=f"^partition_args: the {name} scheme takes none"):
         RunConfig().override({"partition": name, "partition_args": "a=1"})
+
+
+def test_equal_partitioner_objects_share_a_name_other_arguments_do_not(flwr):
+    from fedftg.data.flwr_partition import register_partitioner
+
+    def make(alpha):
+        return register_partitioner(flwr.DirichletPartitioner(6, "label", alpha=alpha, seed=7))
+
+    assert make(0.3) == make(0.3) != make(0.5)
+
+
+def test_fedftg_run_takes_a_partitioner_object_and_resumes_with_an_equal_one(flwr, tmp_path):
+    import fedftg
+
+    out = str(tmp_path / "run")
+
+    def run(alpha, rounds):
+        obj = flwr.DirichletPartitioner(4, "label", alpha=alpha, seed=3)
+        return fedftg.run(method="fedavg", clients=4, rounds=rounds, local_steps=2,
+                          participation=1.0, partition=obj, out=out, resume=True)  # fmt: skip
+
+    first = run(0.5, 1)
+    assert first.config["partition"].startswith("python:DirichletPartitioner-")
+    more = run(0.5, 2)  # an equal object, more rounds: the run directory continues
+    assert [r["round"] for r in more.metrics] == [1, 2] and more.metrics[0] == first.metrics[0]
+    with pytest.raises(UserError, match=r"holds a run with other settings \(partition"):
+        run(0.9, 3)

@@ -91,8 +91,9 @@ def run(
     registered name, an import path, arrays or tensors ``(x_train, y_train, x_test,
     y_test)``, a ``(train, test)`` pair of torch Datasets or a fedftg ``Dataset``
     (`dataset_name`; ``num_classes``: the class count of arrays, else the largest label +
-    1). ``resume``, ``fresh``, ``keep_checkpoint``, ``on_divergence`` as in ``fedftg run``;
-    ``verbosity`` 0 prints nothing, 1 the results table, 2 also a line per round.
+    1). ``partition``: a scheme's name or a ``flwr_datasets`` partitioner object
+    (`partition_name`). ``resume``, ``fresh``, ``keep_checkpoint``, ``on_divergence`` as
+    in ``fedftg run``; ``verbosity`` 0 prints nothing, 1 the results table, 2 also a line per round.
     Bad input raises `fedftg.UserError` before anything is written.
     """
     values = dict(settings)
@@ -102,6 +103,8 @@ def run(
         values["dataset"] = dataset_name(dataset, num_classes)
     elif num_classes is not None:
         raise UserError("num_classes: only for a dataset given as arrays or tensors")
+    if not isinstance(values.get("partition", ""), str):
+        values["partition"] = partition_name(values["partition"])
     cfg = _config(values, config, preset)
     apply_threads(plan_threads(usable_cores(), 1, cfg.threads, os.environ, other_running()))
     opened: list[Path] = []
@@ -136,6 +139,16 @@ def _config(values: dict[str, Any], config: str | Path | None, preset: str | Non
             "fedftg run --preset, or pass their settings here"
         )
     return runs[0][1]
+
+
+def partition_name(partitioner: Any) -> str:
+    """The ``partition`` setting for a built ``flwr_datasets`` partitioner: its scheme
+    ``python:<Class>-<digest of its attributes>``, registered in this process, so an equal
+    object resumes the run and one with other arguments is another run
+    (`fedftg.data.flwr_partition.register_partitioner`)."""
+    from fedftg.data.flwr_partition import register_partitioner
+
+    return register_partitioner(partitioner)
 
 
 def model_name(model: Any) -> str:

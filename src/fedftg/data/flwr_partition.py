@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import io
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -213,14 +215,27 @@ def flwr_scheme(name: str) -> SchemeSpec:
 _registered: list[str] = []
 
 
+def _object_key(obj: Any) -> str | None:
+    """Eight hex digits of a digest of ``obj``'s class and attributes (None when they do
+    not pickle): the same for equal partitioners, in any process."""
+    try:
+        blob = pickle.dumps((type(obj).__module__, type(obj).__qualname__, vars(obj)), 4)
+    except Exception:  # a lambda, a lock, ...: not an identity we can record
+        return None
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
 def register_partitioner(partitioner: Any) -> str:
     """Register a built ``flwr_datasets`` partitioner (no dataset assigned yet) as a scheme
-    for this process; returns its name, ``python:<Class>-<n>``, to give as the partition.
+    for this process; returns its name, ``python:<Class>-<key>``, to give as the partition.
 
-    Each split uses a copy, so one object serves every run and resume of the process. Its
-    arguments and seed are its own and not recorded: config.json holds only the name, and
-    a resume in another process must register an equal object first, in the same order.
-    ``flwr:<Class>`` with ``partition_args`` is the recorded form."""
+    ``key`` is a digest of the object's attributes, so equal objects (same class, arguments
+    and seed) get the same name, in this process or another: a rerun with an equal object
+    resumes, one with other arguments is refused by the run directory. An object whose
+    attributes cannot be pickled gets a counter instead (``-n``, in registration order).
+    Each split uses a copy, so one object serves every run and resume of the process. The
+    arguments themselves are not recorded; ``flwr:<Class>`` with ``partition_args`` is the
+    form a config file can repeat."""
     module = _partitioner_module()
     if not isinstance(partitioner, module.Partitioner):
         raise UserError(
@@ -231,7 +246,10 @@ def register_partitioner(partitioner: Any) -> str:
             f"partition: the {type(partitioner).__name__} already holds a dataset; pass one "
             "that has not been used"
         )
-    name = f"{PYTHON_PREFIX}{type(partitioner).__name__}-{len(_registered) + 1}"
+    key = _object_key(partitioner) or str(len(_registered) + 1)
+    name = f"{PYTHON_PREFIX}{type(partitioner).__name__}-{key}"
+    if name in _registered:  # an equal object: the scheme it registered splits alike
+        return name
 
     def split(
         labels: np.ndarray, num_classes: int, k: int, s: ObjectSettings, rng: np.random.Generator
