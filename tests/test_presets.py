@@ -45,6 +45,7 @@ PAPER_METHODS = {
         ("paper-cifar100", "cifar100", 256, 100, 1000),
         ("paper-cifar10-cpu", "cifar10", 100, 40, 12),
         ("paper-cifar100-cpu", "cifar100", 256, 40, 12),
+        ("paper-cifar10-cpu-robust", "cifar10", 100, 40, 12),
     ],
 )
 def test_shipped_presets_resolve_to_the_authors_protocol(name, dataset, nz, clients, rounds):
@@ -70,7 +71,7 @@ def test_shipped_presets_resolve_to_the_authors_protocol(name, dataset, nz, clie
         assert (ftg.iterations, ftg.gen_steps, ftg.student_steps) == (10, 1, 5)
         assert (ftg.gen_lr, ftg.student_lr, ftg.nz, ftg.batch_size) == (0.01, 0.1, nz, 50)
         assert cfg.preset.startswith(name + "/") and cfg.out.startswith(f"runs/{name}/")
-        assert cfg.seed == (0 if name.endswith("-cpu") else 1024)
+        assert cfg.seed == (0 if "-cpu" in name else 1024)
     assert available()[name]  # listed, with its description
 
 
@@ -80,6 +81,17 @@ def test_the_cpu_twin_differs_from_its_preset_only_in_scale():
     for method in PAPER_METHODS:
         a, b = full[method].to_dict(), twin[method].to_dict()
         assert {k for k in a if a[k] != b[k]} == scale, method
+
+
+def test_the_robust_twin_differs_from_the_twin_only_in_the_students_statistics():
+    twin, robust = _by_method("paper-cifar10-cpu"), _by_method("paper-cifar10-cpu-robust")
+    assert set(robust) == set(twin)
+    for method in PAPER_METHODS:
+        a, b = twin[method].to_dict(), robust[method].to_dict()
+        assert {k for k in a if a[k] != b[k]} == {"ftg", "out", "preset"}, method
+        assert {k for k in a["ftg"] if a["ftg"][k] != b["ftg"][k]} == {"bn_stats"}
+        assert (a["ftg"]["bn_stats"], b["ftg"]["bn_stats"]) == ("generated", "pooled")
+        assert a["df"]["bn_stats"] == "generated"  # FedDF stays the authors'
 
 
 def test_flags_override_a_preset_and_method_picks_its_groups():
