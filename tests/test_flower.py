@@ -466,3 +466,53 @@ def test_the_documented_flower_config_step_can_run_twice(tmp_path):
     superlink = load_config_file(tmp_path / "home" / "config.toml")["superlink"]
     assert superlink["deploy"] == {"address": "127.0.0.1:9093", "insecure": True}
     assert superlink["default"] == "local" and "local" in superlink  # Flower's own kept
+
+
+class _Called(Exception):
+    """Stops an app right where it applied the thread plan."""
+
+
+def test_flower_apps_run_on_the_runs_thread_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.app import Context
+
+    import fedftg.flower.client_app as client_app
+    import fedftg.flower.server_app as server_app
+    from fedftg.flower.common import config_to_json, use_run_threads
+
+    before = torch.get_num_threads()
+    try:
+        use_run_threads(RunConfig(threads=1).validate())
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it from num-cpus
+        use_run_threads(RunConfig().validate())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+    seen = []
+
+    def record(cfg):
+        seen.append(cfg.threads)
+        raise _Called
+
+    monkeypatch.setattr(client_app, "use_run_threads", record)
+    monkeypatch.setattr(server_app, "use_run_threads", record)
+    cfg = RunConfig(clients=3, threads=3, method=["fedavg"]).validate()
+    config = {"run": config_to_json(cfg), "round": 0, "base": "fedavg", "method": "fedavg"}
+    msg = SimpleNamespace(content=SimpleNamespace(config_records={"config": config}))
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(_Called):
+        client_app._train(msg, context)  # noqa: SLF001
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**_app_config(), "threads": 2},
+    )
+    with pytest.raises(_Called):
+        server_app.main(None, context)
+    assert seen == [3, 2]

@@ -32,6 +32,7 @@ from fedftg.flower.common import (
     int_entry,
     report_user_errors,
     to_record,
+    use_run_threads,
 )
 from fedftg.models import build_model
 
@@ -123,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     cfg = config_from_json(str(config["run"]))
+    use_run_threads(cfg)
     round_idx = int_entry(config, "round")
     base = str(config["base"])
     pid = partition_id(context)

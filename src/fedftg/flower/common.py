@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -77,6 +78,17 @@ def report_user_errors(logger: logging.Logger) -> Iterator[None]:
             flwr_logger.addFilter(_FILTER)
         logger.error("error: %s", err)
         raise ReportedError(str(err)) from None
+
+
+def use_run_threads(cfg: RunConfig) -> None:
+    """Run this app's torch kernels on the run's thread plan (`fedftg.threads`): the run's
+    ``threads`` setting, else ``OMP_NUM_THREADS`` (which Flower's Ray simulation sets from
+    each ClientApp's ``num-cpus``), else the cores this process may use. The apps load
+    torch before any run config is known, so OpenMP's wait policy stays what the process's
+    environment gave it."""
+    from fedftg.threads import apply_threads, plan_threads, usable_cores
+
+    apply_threads(plan_threads(usable_cores(), 1, cfg.threads, os.environ))
 
 
 def config_to_json(cfg: RunConfig) -> str:

@@ -31,7 +31,12 @@ from fedftg.engine.rundir import FLOWER_HINTS, RunDir
 from fedftg.engine.server import ServerRunner
 from fedftg.engine.setup import initial_state, resolve_device, split_clients
 from fedftg.errors import UserError
-from fedftg.flower.common import config_from_run_config, int_entry, report_user_errors
+from fedftg.flower.common import (
+    config_from_run_config,
+    int_entry,
+    report_user_errors,
+    use_run_threads,
+)
 from fedftg.flower.strategy import MethodStrategy
 
 log = logging.getLogger("flwr")
@@ -59,6 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         options = {k: _flower_option(k, run_config.pop(k, v)) for k, v in FLOWER_KEYS.items()}
         cfg = config_from_run_config(run_config)
+        use_run_threads(cfg)
         run_federation(
             grid,
             cfg,
