@@ -223,8 +223,8 @@ def test_a_model_that_fails_under_vmap_needs_the_reference_loop():
     ("kw", "message"),
     [
         ({"plugin": "fedgen"}, "plugin: unknown value 'fedgen'; use one of ftg, df"),
-        ({"model": NoLogits}, r"model: forward must give \(batch, 10\) logits"),
-        ({"model": nn.Linear(3, 10)}, r"model: forward on inputs of shape \(2, 1, 8, 8\) fails"),
+        ({"model": NoLogits}, r"model: the NoLogits whose forward gives \(2, 256\) for a batch"),
+        ({"model": nn.Linear(3, 10)}, r"model: the Linear whose forward fails on a \(2, 1, 8, 8\)"),
         ({"model": "cnn"}, "model: expected a torch.nn.Module"),
         ({"num_classes": 1}, "num_classes: must be an integer >= 2"),
         ({"input_shape": (1, 8, 6)}, "input_shape: the generator makes square inputs"),

@@ -31,6 +31,7 @@ from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
 from fedftg.fl.client import detached_state
 from fedftg.fl.plugin import PluginEnv
+from fedftg.models import check_contract
 from fedftg.models.stacked import StackedModels
 from fedftg.settings import Settings, validate_section
 
@@ -277,21 +278,9 @@ def _checked_model(
     if not isinstance(net, nn.Module):
         raise UserError("model: expected a torch.nn.Module or a function returning one")
     net = copy.deepcopy(net).eval()
+    check_contract("model", net, classes, shape, where=f"model: the {type(net).__name__}")
     first = next(iter(net.parameters()), None)
     x = torch.zeros((2, *shape), device=first.device if first is not None else "cpu")
-    try:
-        with torch.no_grad():
-            out = net(x)
-    except Exception as err:  # the user's forward: any failure is a breach of the contract
-        raise UserError(
-            f"model: forward on inputs of shape {tuple(x.shape)} fails: {err}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(
-            f"model: forward must give (batch, {classes}) logits for inputs of shape "
-            f"(batch, {', '.join(map(str, shape))}), got {got}"
-        )
     if batched:
         try:
             with torch.no_grad():

@@ -106,14 +106,16 @@ def check_contract(
     num_classes: int,
     input_shape: tuple[int, int, int] | None = None,
     key: tuple[ModelSpec, int, int, int] | None = None,
+    where: str | None = None,
 ) -> None:
     """Raise `UserError` unless ``model`` is an ``nn.Module`` whose forward maps a batch of
-    two ``input_shape`` images (when given) to (2, num_classes) logits (`ModelSpec`). The
-    dry forward runs in eval mode without gradients (no BatchNorm statistic and no random
-    draw changes), once per ``key``."""
+    two ``input_shape`` images (when given, on the model's device) to (2, num_classes)
+    logits (`ModelSpec`). The dry forward runs in eval mode without gradients (no BatchNorm
+    statistic and no random draw changes), once per ``key``. ``where`` replaces the
+    message's opening (``model: 'name' built a Net``)."""
     from torch import nn
 
-    where = f"model: {name!r} built a {type(model).__name__}"
+    where = where or f"model: {name!r} built a {type(model).__name__}"
     if not isinstance(model, nn.Module):
         raise UserError(f"{where}, not a torch.nn.Module")
     if input_shape is None or (key is not None and key in _CHECKED):
@@ -123,7 +125,9 @@ def check_contract(
     was_training = model.training
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros(2, *input_shape))
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else "cpu"
+            out = model.eval()(torch.zeros(2, *input_shape, device=device))
     except Exception as exc:  # the user's forward may fail in any way
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
