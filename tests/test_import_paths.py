@@ -180,3 +180,18 @@ def test_a_flower_federation_resolves_the_same_import_paths(user_module, tmp_pat
     assert (config["model"], config["dataset"]) == ("usernets:make_net", "usernets:load")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "flower" and set(summary["methods"]) == {"fedavg", "moon"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "hint"),
+    [
+        ("--model", "resnet18-gn, an import path module:attr"),
+        ("--dataset", "imagefolder, an import path module:attr"),
+        ("--partition", "shards, flwr:<Partitioner> (Flower Datasets)"),
+    ],
+)
+def test_an_unknown_name_error_offers_every_kind_of_value_the_setting_takes(capsys, flag, hint):
+    code, _, err = run_cli(capsys, ["run", "--print-config", flag, "bogus"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].endswith(hint), lines
+    assert lines[0].startswith(f"error: {flag[2:]}: unknown value 'bogus'; use one of ")

@@ -95,7 +95,7 @@ class RunConfig:
     download: bool = setting(True, "download missing dataset files (when online)")
     # federation
     clients: int = setting(10, "number of clients", check=POSITIVE_INT)
-    partition: str = setting("dirichlet", SCHEMES.help_text, choices=SCHEMES.names)
+    partition: str = setting("dirichlet", SCHEMES.help_text, choices=SCHEMES.choices)
     partition_args: dict[str, Any] = setting(
         default_factory=dict,
         help="arguments of a flwr:<Partitioner> scheme: key=value,... (TOML: a table)",

@@ -156,7 +156,8 @@ def check_value(name: str, value: Any, m: Meta) -> None:
         return
     choices = m.choice_names()
     if choices is not None and value not in choices:
-        raise UserError(f"{name}: unknown value {value!r}; use one of {', '.join(choices)}")
+        listed = choices.listed() if hasattr(choices, "listed") else ", ".join(choices)
+        raise UserError(f"{name}: unknown value {value!r}; use one of {listed}")
     if m.check is not None and not m.check(value):
         raise UserError(f"{name}: must be {m.check.what}, got {value!r}")
 

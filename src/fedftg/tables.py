@@ -94,9 +94,14 @@ class Names(tuple[str, ...]):
     (the error messages list only the registered names)."""
 
     open_to_paths: bool = False
+    hints: tuple[str, ...] = ()  # what else an error should offer (families, import paths)
 
     def __contains__(self, value: object) -> bool:
         return super().__contains__(value) or (self.open_to_paths and is_import_path(value))
+
+    def listed(self) -> str:
+        """The names, then the hints, for an error message."""
+        return ", ".join([*self, *self.hints])
 
 
 class Noted(Protocol):
@@ -181,6 +186,8 @@ class Table(Generic[Entry]):
         any import path when this table resolves them (`Names`)."""
         names = Names(self._entries)
         names.open_to_paths = self._resolve is not None
+        paths = ("an import path module:attr",) if self._resolve else ()
+        names.hints = (*(note for _, note in self._first_use.values()), *paths)
         return names
 
     def help_text(self) -> str:
