@@ -127,6 +127,30 @@ def test_default_out_runs_started_together_get_a_directory_each(tmp_path, monkey
     assert all(Path(p).is_dir() for p in paths)
 
 
+def test_sweeps_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch, capsys):
+    """The sweep claims its ``{time}`` root before its points start: a second sweep of the
+    same second takes ``-2`` even while the first has written nothing yet."""
+    from fedftg.engine import sweep
+
+    class Done:  # the points' processes, which would create their own directories
+        returncode = 0
+
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt, t=None: "20261206-051000")
+    outs = []
+    monkeypatch.setattr(
+        sweep.subprocess, "run", lambda cmd, **kw: outs.append(json.loads(cmd[-1])["out"]) or Done()
+    )
+    args = ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "{time}")]
+    assert run_cli(capsys, args)[0] == 0
+    assert run_cli(capsys, args)[0] == 0
+    first, second = tmp_path / "20261206-051000", tmp_path / "20261206-051000-2"
+    assert outs == [str(first / "seed=0"), str(first / "seed=1")] + [
+        str(second / "seed=0"),
+        str(second / "seed=1"),
+    ]
+    assert first.is_dir() and second.is_dir()
+
+
 def test_a_run_failing_before_it_starts_leaves_no_folder(tmp_path, capsys, monkeypatch):
     def no_board(root):
         raise rundir.UserError("tensorboard: not installed (as the test pretends)")

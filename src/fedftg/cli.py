@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,19 +197,21 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2))
         return 0
     print(threads_line(bases[0], ns.jobs), flush=True)
-    from fedftg.engine.rundir import expand_out, link_latest
+    from fedftg.engine.rundir import TIME, claim_out, link_latest
 
     def report(r: dict[str, Any]) -> None:
         print(point_line(r), flush=True)
 
-    stamped = []
+    stamped, now = [], time.time()
     for base, points in sweeps:  # one directory per sweep, not per point
-        path, templated = expand_out(base.out)
+        if TIME not in base.out:
+            continue
+        # claimed now (created), so sweeps started in the same second never share one
+        path, _, _ = claim_out(base.out, now)
         base.out = str(path)
-        if templated:
-            stamped.append(path)
-            for name, cfg in points:
-                cfg.out = point_out(base, name)
+        stamped.append(path)
+        for name, cfg in points:
+            cfg.out = point_out(base, name)
     results = [
         r for base, points in sweeps for r in run_sweep(base, points, jobs=ns.jobs, on_point=report)
     ]

@@ -126,14 +126,6 @@ def out_names(out: str, now: float | None = None) -> Iterator[Path]:
         yield Path(out.replace(TIME, f"{stamp}-{n}"))
 
 
-def expand_out(out: str, now: float | None = None) -> tuple[Path, bool]:
-    """``out`` with ``{time}`` replaced by the first free name of `out_names`, and whether
-    it had the placeholder (creates nothing; `claim_out` creates it atomically)."""
-    if TIME not in out:
-        return Path(out), False
-    return next(p for p in out_names(out, now) if not (p.exists() or p.is_symlink())), True
-
-
 def claim_out(out: str, now: float | None = None) -> tuple[Path, bool, list[Path]]:
     """The run directory of ``out``, created (with its parents) if missing: with ``{time}``
     the first of `out_names` that this call creates itself (`os.mkdir` fails on a name
