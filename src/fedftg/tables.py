@@ -95,13 +95,15 @@ class Names(tuple[str, ...]):
 
     open_to_paths: bool = False
     hints: tuple[str, ...] = ()  # what else an error should offer (families, import paths)
+    made: frozenset[str] = frozenset()  # names made on first use: valid, but not listed
 
     def __contains__(self, value: object) -> bool:
         return super().__contains__(value) or (self.open_to_paths and is_import_path(value))
 
     def listed(self) -> str:
-        """The names, then the hints, for an error message."""
-        return ", ".join([*self, *self.hints])
+        """The registered names, then the hints (not the names a hint stands for), for an
+        error message: the same text whatever this process made before."""
+        return ", ".join([*(n for n in self if n not in self.made), *self.hints])
 
 
 class Noted(Protocol):
@@ -188,6 +190,7 @@ class Table(Generic[Entry]):
         names.open_to_paths = self._resolve is not None
         paths = ("an import path module:attr",) if self._resolve else ()
         names.hints = (*(note for _, note in self._first_use.values()), *paths)
+        names.made = frozenset(self._made)
         return names
 
     def help_text(self) -> str:
