@@ -6,7 +6,8 @@ same seed at the same round, and per phase of rounds (1-5, 6-10, 11-20, ...) the
 change (test accuracy after the step minus the aggregate's before it, `acc_before_server`),
 the rounds it helped, the generated samples' spread (`ftg_sample_spread`) and the
 difference to the base method. Variants of one method (``--ftg-bn-stats pooled``, ...) are
-told apart by their plug-in settings that differ from the defaults.
+told apart as `fedftg report` labels them (the settings they read, where not at their
+defaults).
 
 It reads the metrics rows only (not summary.json), so a run extended and then stopped, or
 still running, counts with the rounds it has. Markdown on stdout. Usage:
@@ -24,37 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from fedftg.config import RunConfig
 from fedftg.registry import split_method
-from fedftg.report.report import metrics_rows, phases
+from fedftg.report.report import method_label, method_of, metrics_rows, phases
 
 Key = tuple[str, int]  # (method label, seed)
 
 
-def variant(method: str, cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """``method`` with its plug-in settings that differ from the defaults:
-    ``fedftg (ftg.bn_stats=pooled)``."""
-    _, plugin = split_method(method)
-    if plugin is None:
-        return method
-    section = "df" if plugin == "df" else plugin
-    own, base = cfg.get(section, {}), defaults.get(section, {})
-    changed = [  # a default of None is resolved from the data (nz): not a variant
-        f"{section}.{k}={v}" for k, v in own.items() if base.get(k) is not None and base[k] != v
-    ]
-    return f"{method} ({', '.join(changed)})" if changed else method
-
-
 def collect(dirs: Iterable[Path]) -> dict[Key, dict[int, dict[str, Any]]]:
-    """(label, seed) -> round -> metrics row (evaluated rows only)."""
-    defaults = RunConfig().to_dict()
+    """(label, seed) -> round -> metrics row (evaluated rows only); labels as
+    `fedftg.report.report.method_label` gives them."""
     out: dict[Key, dict[int, dict[str, Any]]] = defaultdict(dict)
     for d in dirs:
         cfg = json.loads((d / "config.json").read_text())
         for row in metrics_rows(d / "metrics.jsonl"):
             if row.get("test_acc") is None:
                 continue
-            out[(variant(row["method"], cfg, defaults), int(cfg["seed"]))][row["round"]] = row
+            out[(method_label(row["method"], cfg), int(cfg["seed"]))][row["round"]] = row
     return out
 
 
@@ -72,8 +58,8 @@ def seed_rows(runs: dict[Key, dict[int, dict[str, Any]]], base: str) -> list[dic
     """One summary per (plug-in variant, seed): finals, and per phase the step's change,
     the rounds it helped, the spread and the difference to ``base`` on the same seed."""
     out = []
-    for (label, seed), rows in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        if split_method(label.split(" ")[0])[1] is None:
+    for (label, seed), rows in sorted(runs.items()):
+        if split_method(method_of(label))[1] is None:
             continue
         ref = runs.get((base, seed), {})
         last = max(rows)

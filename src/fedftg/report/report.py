@@ -87,7 +87,7 @@ def method_label(method: str, cfg: dict[str, Any]) -> str:
     return f"{method} ({', '.join(extras)})" if extras else method
 
 
-def _method_of(label: str) -> str:
+def method_of(label: str) -> str:
     """The method name of a `method_label`."""
     return label.partition(" (")[0]
 
@@ -171,7 +171,7 @@ def plugin_rows(methods: dict[str, list[dict[str, Any]]], last_round: int) -> li
     """
     rows = []
     for name, per_seed in methods.items():
-        base, plugin = split_method(_method_of(name))
+        base, plugin = split_method(method_of(name))
         if plugin is None:
             continue
         base_by_seed = {s["seed"]: s for s in methods.get(base, [])}
