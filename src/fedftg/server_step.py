@@ -31,7 +31,7 @@ from fedftg.engine.setup import resolve_device
 from fedftg.errors import UserError
 from fedftg.fl.client import detached_state
 from fedftg.fl.plugin import PluginEnv
-from fedftg.models import check_contract
+from fedftg.models import check_contract, model_device
 from fedftg.models.stacked import StackedModels
 from fedftg.settings import Settings, validate_section
 
@@ -279,9 +279,8 @@ def _checked_model(
         raise UserError("model: expected a torch.nn.Module or a function returning one")
     net = copy.deepcopy(net).eval()
     check_contract("model", net, classes, shape, where=f"model: the {type(net).__name__}")
-    first = next(iter(net.parameters()), None)
-    x = torch.zeros((2, *shape), device=first.device if first is not None else "cpu")
     if batched:
+        x = torch.zeros((2, *shape), device=model_device(net))
         try:
             with torch.no_grad():
                 StackedModels(net, [net.state_dict()] * 2).all(x)

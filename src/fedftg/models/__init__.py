@@ -100,6 +100,12 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
     return model
 
 
+def model_device(model: Any) -> Any:
+    """The device of ``model``'s first parameter (``"cpu"`` for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else "cpu"
+
+
 def check_contract(
     name: str,
     model: Any,
@@ -125,9 +131,7 @@ def check_contract(
     was_training = model.training
     try:
         with torch.no_grad():
-            first = next(iter(model.parameters()), None)
-            device = first.device if first is not None else "cpu"
-            out = model.eval()(torch.zeros(2, *input_shape, device=device))
+            out = model.eval()(torch.zeros(2, *input_shape, device=model_device(model)))
     except Exception as exc:  # the user's forward may fail in any way
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
