@@ -175,7 +175,7 @@ class Table(Generic[Entry]):
         if name not in self._entries:
             raise UserError(
                 f"{self.setting}: unknown {self.kind} {name!r}; use one of "
-                f"{', '.join([*self._entries, *(note for _, note in self._first_use.values())])}"
+                f"{self.choices().listed()}"
             )
         return self._entries[name]
 
