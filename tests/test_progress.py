@@ -163,3 +163,7 @@ def test_a_run_tells_the_reporter_the_rounds_of_the_later_methods(tmp_path, caps
     args = ["run", *FAST, "--method", "fedavg,fedprox", "--out", str(tmp_path / "e")]
     assert _run(capsys, args)[0] == 0
     assert seen == [("fedavg", 2, 0, 2), ("fedprox", 2, 0, 0)]
+    # extended by one round: one round of fedprox follows fedavg's, not all three
+    seen.clear()
+    assert _run(capsys, [*args, "--rounds", "3", "--resume"])[0] == 0
+    assert seen == [("fedavg", 3, 2, 1), ("fedprox", 3, 2, 0)]

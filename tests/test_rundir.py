@@ -113,6 +113,31 @@ def test_resume_with_more_rounds_extends_a_finished_run_exactly(finished, tmp_pa
     assert code == 2 and "cannot shrink" in err
 
 
+def test_an_extension_stopped_early_leaves_no_summary_of_the_shorter_run(
+    finished, tmp_path, capsys, monkeypatch
+):
+    from fedftg.engine.rundir import RunDir
+
+    out = _copy(finished, tmp_path)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "finish", stop)  # stopped after the new rounds, before the end
+    code, _ = _run(capsys, *TWO, "--rounds", "2", "--resume", "--out", str(out))
+    assert code == 130
+    assert {(r["method"], r["round"]) for r in _rows(out)} >= {("fedavg", 2), ("fedftg", 2)}
+    assert not (out / "summary.json").exists()  # it described the 1-round run
+    monkeypatch.undo()
+    assert _run(capsys, *TWO, "--rounds", "2", "--resume", "--out", str(out))[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {m: s["rounds"] for m, s in summary["methods"].items()} == {"fedavg": 2, "fedftg": 2}
+    # a rerun of the finished run at the same rounds is not an extension: its summary stays
+    monkeypatch.setattr(RunDir, "finish", stop)
+    assert _run(capsys, *TWO, "--rounds", "2", "--resume", "--out", str(out))[0] == 130
+    assert json.loads((out / "summary.json").read_text())["methods"]["fedftg"]["rounds"] == 2
+
+
 def test_a_finished_run_keeps_a_small_checkpoint_unless_asked(tmp_path, capsys):
     args = ["--method", "scaffold", "--rounds", "1"]
     small, full = tmp_path / "small", tmp_path / "full"

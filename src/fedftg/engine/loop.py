@@ -148,7 +148,8 @@ def run_methods(
             saved = run.restore_point(display)
             if saved is not None:
                 runner.restore(saved)
-            later = cfg.rounds * (len(pending) - 1 - pending.index(display))
+            after = pending[pending.index(display) + 1 :]
+            later = sum(cfg.rounds - run.rounds_done(m) for m in after)
             report.start_method(display, cfg.rounds, runner.state.round, later)
             while runner.state.round < cfg.rounds:
                 record = next_round()

@@ -466,6 +466,10 @@ class RunDir:
         remove_stale_tmp(self.path)
         if self._replace:
             self._remove_run_files()
+        elif any(s["rounds"] < self.cfg.rounds for s in self.done.values()):
+            # extending: the summary of the shorter run goes (a report or a sweep would take
+            # it for this run's if the extension stopped early); finishing writes the new one
+            self._remove(self.paths["summary"])
         extra = {"environment": environment(self.cfg), "engine": self.engine}
         write_json(self.paths["config"], {**self.cfg.to_dict(), **extra})
         cfg = self.cfg
@@ -483,11 +487,17 @@ class RunDir:
     def _remove_run_files(self) -> None:
         doomed = [self.path / n for n in RUN_FILES] + list(self.path.glob("samples_*.png"))
         board = self.path / "tensorboard"
-        try:
-            for p in doomed:
-                p.unlink(missing_ok=True)
-            if board.is_dir():
+        self._remove(*doomed)
+        if board.is_dir():
+            try:
                 shutil.rmtree(board)
+            except OSError as exc:
+                raise write_error(Path(exc.filename or self.path), exc) from None
+
+    def _remove(self, *paths: Path) -> None:
+        try:
+            for p in paths:
+                p.unlink(missing_ok=True)
         except OSError as exc:
             raise write_error(Path(exc.filename or self.path), exc) from None
 
@@ -498,6 +508,11 @@ class RunDir:
     def restore_point(self, method: str) -> dict[str, Any] | None:
         """The saved state ``method`` continues from (None: from the start)."""
         return saved_states(self.saved).get(method) if self.saved is not None else None
+
+    def rounds_done(self, method: str) -> int:
+        """The rounds ``method`` has behind it in the checkpoint continued from (0: none)."""
+        saved = self.restore_point(method)
+        return int(saved["round"]) if saved is not None else 0
 
     def append(self, method: str, record: RoundRecord) -> None:
         """One round's record to metrics.jsonl."""
