@@ -151,6 +151,18 @@ def test_sweeps_started_in_the_same_second_get_a_directory_each(tmp_path, monkey
     assert first.is_dir() and second.is_dir()
 
 
+def test_a_sweep_stopped_before_its_points_wrote_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    from fedftg.engine import sweep
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "is_complete", stopped)  # Ctrl-C before the first point
+    args = ["sweep", "--grid", "seed=0,1", "--out", str(tmp_path / "runs" / "{time}")]
+    assert run_cli(capsys, args)[0] == 130
+    assert not (tmp_path / "runs").exists()  # its stamped folder and the parent it made
+
+
 def test_a_run_failing_before_it_starts_leaves_no_folder(tmp_path, capsys, monkeypatch):
     def no_board(root):
         raise rundir.UserError("tensorboard: not installed (as the test pretends)")

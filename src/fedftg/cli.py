@@ -198,23 +198,31 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         return 0
     print(threads_line(bases[0], ns.jobs), flush=True)
     from fedftg.engine.rundir import TIME, claim_out, link_latest
+    from fedftg.report.files import remove_empty_dirs
 
     def report(r: dict[str, Any]) -> None:
         print(point_line(r), flush=True)
 
-    stamped, now = [], time.time()
+    stamped, made, now = [], [], time.time()
     for base, points in sweeps:  # one directory per sweep, not per point
         if TIME not in base.out:
             continue
         # claimed now (created), so sweeps started in the same second never share one
-        path, _, _ = claim_out(base.out, now)
+        path, _, folders = claim_out(base.out, now)
         base.out = str(path)
         stamped.append(path)
+        made += folders
         for name, cfg in points:
             cfg.out = point_out(base, name)
-    results = [
-        r for base, points in sweeps for r in run_sweep(base, points, jobs=ns.jobs, on_point=report)
-    ]
+    try:
+        results = [
+            r
+            for base, points in sweeps
+            for r in run_sweep(base, points, jobs=ns.jobs, on_point=report)
+        ]
+    except BaseException:  # stopped or failed before a point wrote anything: no empty folders
+        remove_empty_dirs(made)
+        raise
     for path in stamped:
         link_latest(path)
     cfg = bases[0]
