@@ -466,7 +466,7 @@ class RunDir:
         remove_stale_tmp(self.path)
         if self._replace:
             self._remove_run_files()
-        elif any(s["rounds"] < self.cfg.rounds for s in self.done.values()):
+        elif not all(map(self.is_finished, self.done)):
             # extending: the summary of the shorter run goes (a report or a sweep would take
             # it for this run's if the extension stopped early); finishing writes the new one
             self._remove(self.paths["summary"])
