@@ -175,12 +175,15 @@ sys.exit(status)
 
 def test_load_benchmark_fair_share_and_table():
     load = load_benchmark("load")
-    assert load.fair_share(10.0, 0, 2) == 10.0  # alone: its own time
-    assert load.fair_share(10.0, 1, 2) == 10.0  # a core each: no slower
-    assert load.fair_share(10.0, 2, 2) == 15.0  # three processes on two cores
-    assert load.fair_share(10.0, 4, 2) == 25.0
-    seconds = {("before", 0): 10.0, ("after", 0): 10.2, ("before", 2): 60.0}
-    seconds[("after", 2)] = 15.3
-    text = load.table(seconds, 2)
+    assert load.fair_share(10.0, 0, 2, 2) == 10.0  # alone: its own time
+    assert load.fair_share(10.0, 1, 2, 1) == 10.0  # one thread, a core each: no slower
+    assert load.fair_share(10.0, 2, 2, 2) == 20.0  # four threads on two cores
+    assert load.fair_share(10.0, 4, 2, 2) == 30.0
+    assert load.fair_share(10.0, 4, 2, 1) == 25.0
+    seconds = {("before", 0): 10.0, ("after", 0): 10.2, ("before", 2): 80.0}
+    seconds[("after", 2)] = 20.4
+    text = load.table(seconds, {"before": 2, "after": 2}, 2)
     assert "4.00" in text and "1.00" in text and "after / before = 1.020" in text
+    assert "threads: before 2, after 2" in text
     assert load.job_command("after", ["run"])[1:] == ["-m", "fedftg.cli", "run"]
+    assert load.job_command("one", ["run"])[-2:] == ["--threads", "1"]
