@@ -183,6 +183,24 @@ def test_generator_persists_across_rounds_and_through_its_state():
         torch.testing.assert_close(value, b.to_torch_state_dict()[name])
 
 
+def test_gen_reset_restarts_the_strategys_generator_at_its_rounds():
+    """``gen_reset`` in `FTGStrategy`: Flower's round 2 (index 1) starts from a fresh
+    generator whatever the wrapper carried, so a wrapper that never stepped gives the same
+    model; without the reset it does not."""
+    _, states, sizes, hists = _clients()
+    replies = [_reply(j, s, n, h) for j, (s, n, h) in _zip(states, sizes, hists)]
+    out = {}
+    for reset in (0, 1):
+        settings = {**FAST, "gen_reset": reset}
+        first = _wrapper(settings=settings)
+        first.aggregate_train(1, replies)
+        a, _ = first.aggregate_train(2, replies)
+        b, _ = _wrapper(settings=settings).aggregate_train(2, replies)
+        a, b = a.to_torch_state_dict(), b.to_torch_state_dict()
+        out[reset] = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert out[1] == 0.0 and out[0] > 1e-4, out
+
+
 # ------------------------------------------------------------------ rejected replies
 
 

@@ -173,16 +173,34 @@ class GeneratorDistiller:
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.precision = precision
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "generator"))
-            self.generator = ConditionalGenerator(
-                self.nz, num_classes, channels, image_size, cfg.ngf
-            ).to(self.device)
+        self.seed = seed
+        self._shape = (channels, image_size)
+        self.generator = self._fresh_generator(derive_seed(seed, "generator"))
 
         # the moving average of the generator that draws the student's samples (gen_ema)
         self.gen_ema: ConditionalGenerator | None = None
         if cfg.gen_ema > 0:
             self.gen_ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    def _fresh_generator(self, seed: int) -> ConditionalGenerator:
+        """A newly initialised generator whose weights come from ``seed`` alone."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = ConditionalGenerator(self.nz, self.num_classes, *self._shape, self.cfg.ngf)
+        return net.to(self.device)
+
+    def _reset_due(self, round_idx: int) -> bool:
+        """Whether round ``round_idx`` (0-based) starts from a fresh generator (``gen_reset``)."""
+        k = self.cfg.gen_reset
+        return k > 0 and round_idx > 0 and round_idx % k == 0
+
+    def reset_generator(self, round_idx: int) -> None:
+        """Restart the generator (and its moving average) from weights drawn from the run's
+        seed and ``round_idx``: the same fresh weights in every engine and on resume."""
+        fresh = self._fresh_generator(derive_seed(self.seed, "generator", round_idx))
+        self.generator.load_state_dict(fresh.state_dict())
+        if self.gen_ema is not None:
+            self.gen_ema.load_state_dict(fresh.state_dict())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The generator's parameters and BatchNorm buffers (and, with ``gen_ema``, its
@@ -243,6 +261,8 @@ class GeneratorDistiller:
         as they came, or with ``"pooled"`` the teachers' pooled by sample count
         (`fedftg.models.bn_stats.pooled_statistics`). Returns the round's mean loss terms.
         """
+        if self._reset_due(round_idx):
+            self.reset_generator(round_idx)
         with kept_buffers(student, self.cfg.bn_stats != "generated"):
             out = self._fine_tune(student, teachers, counts, round_idx, generator)
         if self.cfg.bn_stats == "pooled":

@@ -109,6 +109,17 @@ class DistillSettings(Settings):
         before=0.0,
     )
 
+    gen_reset: int = setting(
+        0,
+        "beyond the paper, 0 = off: every K rounds (rounds K+1, 2K+1, ...; 1 = every round) "
+        "the generator, and its moving average, restart from fresh weights drawn from the "
+        "run's seed and the round before the step trains them; a persistent generator "
+        "collapses to about one image per class within a few rounds at CPU sizes, and a "
+        "fresh one starts diverse; no extra cost",
+        check=at_least(0, integer=True),
+        before=0,
+    )
+
     def resolve(self, num_classes: int) -> None:
         if self.nz is None:
             self.nz = default_nz(num_classes)
