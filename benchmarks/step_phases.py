@@ -37,10 +37,13 @@ def collect(dirs: Iterable[Path]) -> dict[Key, dict[int, dict[str, Any]]]:
     out: dict[Key, dict[int, dict[str, Any]]] = defaultdict(dict)
     for d in dirs:
         cfg = json.loads((d / "config.json").read_text())
+        labels: dict[str, str] = {}  # once per method: a label resolves the run's settings
         for row in metrics_rows(d / "metrics.jsonl"):
             if row.get("test_acc") is None:
                 continue
-            out[(method_label(row["method"], cfg), int(cfg["seed"]))][row["round"]] = row
+            if row["method"] not in labels:
+                labels[row["method"]] = method_label(row["method"], cfg)
+            out[(labels[row["method"]], int(cfg["seed"]))][row["round"]] = row
     return out
 
 
