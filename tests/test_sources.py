@@ -435,6 +435,31 @@ def test_imagefolder_cache_follows_the_source(tmp_path, monkeypatch):
     np.testing.assert_array_equal(load_dataset("imagefolder", zpath).train_x, second.train_x)
 
 
+def test_imagefolder_class_count_of_a_zip_is_listed_once_per_version(tmp_path, monkeypatch):
+    files = _images(np.random.default_rng(3))
+    zpath = _write_zip(tmp_path / "tiny.zip", files)
+    listed: list[Path] = []
+    real_open = imagefolder._open_source
+
+    def counting_open(source):
+        listed.append(source)
+        return real_open(source)
+
+    monkeypatch.setattr(imagefolder, "_open_source", counting_open)
+    assert imagefolder.count_classes(zpath) == 2
+    assert imagefolder.count_classes(tmp_path / "." / "tiny.zip") == 2
+    assert len(listed) == 1  # same file, same size and mtime: listed once
+    files.update({f"{s}/bee/0.png": files["train/ant/0.png"] for s in ("train", "test")})
+    _write_zip(zpath, files)
+    os.utime(zpath, ns=(1, 1))  # a changed archive is listed again
+    assert imagefolder.count_classes(zpath) == 3 and len(listed) == 2
+    folder = _write_dir(tmp_path / "dir", files)
+    assert imagefolder.count_classes(folder) == 3
+    assert imagefolder.count_classes(folder) == 3 and len(listed) == 4  # folders: every time
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    assert imagefolder.count_classes(tmp_path / "bad.zip") is None
+
+
 def test_imagefolder_directory_matches_zip_and_keeps_grayscale(tmp_path):
     files = _images(np.random.default_rng(2), shape=(8, 8))
     from_dir = load_dataset("imagefolder", _write_dir(tmp_path / "gray", files))

@@ -95,12 +95,32 @@ def _not_a_zip(source: Path) -> str:
 
 def count_classes(source: Path) -> int | None:
     """The number of classes of the image folder or .zip ``source`` from its layout alone
-    (no decoding); None when it cannot be read or is not a valid layout."""
+    (no decoding); None when it cannot be read or is not a valid layout.
+
+    A .zip's count is kept per path, size and modification time: resolving a saved run's
+    settings counts them, and reading a 60,000-entry archive's listing takes seconds
+    (`fedftg report` resolves each run). A folder is listed every time."""
     try:
+        key = _zip_key(source)
+        if key is not None and key in _ZIP_CLASSES:
+            return _ZIP_CLASSES[key]
         with _open_source(source) as (names, _):
-            return len(index_layout(names, source)[0])
+            count = len(index_layout(names, source)[0])
     except (UserError, OSError):
         return None
+    if key is not None:
+        _ZIP_CLASSES[key] = count
+    return count
+
+
+_ZIP_CLASSES: dict[tuple[str, str], int] = {}  # (resolved path, size:mtime) -> class count
+
+
+def _zip_key(source: Path) -> tuple[str, str] | None:
+    """What identifies a .zip file's listing here (None for a folder or a missing path)."""
+    if not source.is_file():
+        return None
+    return str(source.resolve()), _stamp(source)
 
 
 def decode_folder(source: Path) -> FolderArrays:
