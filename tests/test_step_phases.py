@@ -64,3 +64,38 @@ def test_phases_finals_and_variants_by_hand(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("| fedftg | 0 | 6 | 62.00 | 60.00 | +2.00 | 1-5: +2.00 (5 of 5)")
     assert table[4].startswith("| fedftg (ftg.bn_stats=pooled) | 1 | 1 | 40.00 | - | - |")
+
+
+def test_over_seeds_pools_the_rounds_every_seed_reached(tmp_path, capsys):
+    def fedavg(finals: float) -> list[dict]:
+        return [{"method": "fedavg", "round": r, "test_acc": finals} for r in range(1, 8)]
+
+    # seed 0: 7 rounds, step +0.04 in rounds 1-5, -0.02 after; seed 1: 6 rounds, step +0.02
+    s0 = [_ftg(r, 0.5, 0.54 if r <= 5 else 0.48, 0.3) for r in range(1, 8)]
+    s1 = [_ftg(r, 0.4, 0.42, 0.1) for r in range(1, 7)]
+    runs = [
+        _run(tmp_path / "a", 0, [*fedavg(0.5), *s0]),
+        _run(tmp_path / "b", 1, [*fedavg(0.45), *s1]),
+    ]
+    (summary,) = phases.over_seeds(phases.collect(runs), "fedavg")
+    assert summary["seeds"] == [0, 1] and summary["rounds"] == 6  # seed 1's last round
+    assert summary["final"] == pytest.approx((0.48 + 0.42) / 2)
+    assert summary["final_std"] == pytest.approx(0.06 / 2**0.5)  # sample sd of 0.48, 0.42
+    assert summary["minus_base"] == pytest.approx((-0.02 - 0.03) / 2)
+    assert summary["above_base"] == "0 of 2"
+    early, late = summary["phases"]
+    assert early["rounds"] == "1-5" and early["helped"] == "10 of 10"
+    assert early["step"] == pytest.approx(0.03) and early["spread"] == pytest.approx(0.2)
+    assert late["rounds"] == "6-6" and late["helped"] == "1 of 2"  # seed 0's round 7 left out
+    assert late["step"] == pytest.approx(0.0)
+    assert phases.main([str(r) for r in runs]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("| fedftg | 0,1 | 6 | 45.00 ± 4.24 | -2.50 (0 of 2) | 1-5: +3.00")
+
+
+def test_one_variant_and_seed_in_two_directories_is_refused(tmp_path, capsys):
+    rows = [_ftg(1, 0.3, 0.4, 0.1)]
+    a, b = _run(tmp_path / "a", 0, rows), _run(tmp_path / "b", 0, rows)
+    assert phases.main([str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "both hold fedftg seed 0" in err
