@@ -448,14 +448,16 @@ def test_every_new_setting_at_its_default_is_todays_step(plugin, impl, float64):
 OPTIONS = {"bn_loss": 2.0, "gen_ema": 0.7, "bn_stats": "pooled"}
 
 
-@pytest.mark.parametrize(
-    ("reset", "atol"),
-    # with the reset, round 2's fresh generator takes larger steps, which carries the two
-    # float orders about 1.3e-10 apart on the student; without it the bound stays 1e-10
-    [(0, 1e-10), (1, 1e-9)],
-)
+# The two loop structures sum in different orders, and which order a kernel takes depends on
+# the CPU's vector width: the largest difference on any weight or generator entry, measured
+# on one machine with torch's AVX2 and AVX-512 kernels, is 0.8-1.5e-10 without the reset and
+# 1.6-2.6e-10 with it (its fresh generator takes larger steps). 1e-10 failed on AVX-512.
+ATOL = 1e-9
+
+
+@pytest.mark.parametrize("reset", [0, 1])
 @pytest.mark.parametrize("plugin", ["ftg", "df"])
-def test_fast_step_equals_reference_with_every_option_on(plugin, reset, atol, float64):
+def test_fast_step_equals_reference_with_every_option_on(plugin, reset, float64):
     """As tests/test_stacked.py for the default: same student, generator (and its average)
     and losses from the stacked teachers and the authors' loop structure."""
     teachers = _clients()
@@ -472,7 +474,7 @@ def test_fast_step_equals_reference_with_every_option_on(plugin, reset, atol, fl
     for a, b in ((s_fast, s_ref), (g_fast, g_ref)):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=atol)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=ATOL)
     assert any(k.startswith(EMA) for k in g_fast)
 
 
