@@ -33,18 +33,22 @@ from fedftg.report.report import method_label, method_of, metrics_rows, phases
 Key = tuple[str, int]  # (method label, seed)
 
 
-def collect(dirs: Iterable[Path]) -> dict[Key, dict[int, dict[str, Any]]]:
-    """(label, seed) -> round -> metrics row (evaluated rows only); labels as
-    `fedftg.report.report.method_label` gives them. Two directories holding one (label,
-    seed) (runs that differ in a setting no method reads, such as the participation) are a
-    `ValueError`: their rounds would mix."""
+def collect(
+    dirs: Iterable[Path], last_round: int | None = None
+) -> dict[Key, dict[int, dict[str, Any]]]:
+    """(label, seed) -> round -> metrics row (evaluated rows, up to ``last_round`` where
+    given); labels as `fedftg.report.report.method_label` gives them. Two directories
+    holding one (label, seed) (runs that differ in a setting no method reads, such as the
+    participation) are a `ValueError`: their rounds would mix."""
     out: dict[Key, dict[int, dict[str, Any]]] = defaultdict(dict)
     source: dict[Key, Path] = {}
     for d in dirs:
         cfg = json.loads((d / "config.json").read_text())
         labels: dict[str, str] = {}  # once per method: a label resolves the run's settings
         for row in metrics_rows(d / "metrics.jsonl"):
-            if row.get("test_acc") is None:
+            if row.get("test_acc") is None or (
+                last_round is not None and row["round"] > last_round
+            ):
                 continue
             if row["method"] not in labels:
                 labels[row["method"]] = method_label(row["method"], cfg)
@@ -194,10 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--base", default="fedavg", help="the method to compare against")
+    parser.add_argument(
+        "--last-round",
+        type=int,
+        metavar="N",
+        help="read rounds 1-N only (runs of different lengths compared at one round)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON instead of markdown")
     args = parser.parse_args(argv)
+    if args.last_round is not None and args.last_round < 1:
+        print(f"error: --last-round must be >= 1, got {args.last_round}", file=sys.stderr)
+        return 2
     try:
-        runs = collect(args.runs)
+        runs = collect(args.runs, args.last_round)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,3 +99,17 @@ def test_one_variant_and_seed_in_two_directories_is_refused(tmp_path, capsys):
     assert phases.main([str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "both hold fedftg seed 0" in err
+
+
+def test_last_round_compares_runs_of_different_lengths_at_one_round(tmp_path, capsys):
+    fedavg = [{"method": "fedavg", "round": r, "test_acc": 0.5} for r in range(1, 9)]
+    s0 = [_ftg(r, 0.5, 0.6 if r <= 4 else 0.4, 0.3) for r in range(1, 9)]  # 8 rounds
+    run = _run(tmp_path / "a", 0, [*fedavg, *s0])
+    (entry,) = phases.seed_rows(phases.collect([run], last_round=4), "fedavg")
+    assert entry["rounds"] == 4 and entry["final"] == pytest.approx(0.6)
+    assert [p["rounds"] for p in entry["phases"]] == ["1-4"]
+    assert entry["phases"][0]["step"] == pytest.approx(0.1)
+    assert phases.main(["--last-round", "6", str(run)]) == 0
+    assert "| fedftg | 0 | 6 | 40.00 | 50.00 | -10.00 |" in capsys.readouterr().out
+    assert phases.main(["--last-round", "0", str(run)]) == 2
+    assert capsys.readouterr().err.startswith("error: --last-round must be >= 1")
