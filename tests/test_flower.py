@@ -112,7 +112,9 @@ def test_flower_simulation_equals_in_process_simulator(simulation, tmp_path, cap
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.05 if late_ftg else 0.01)
         assert ("ftg_loss_bn" in a) == ("ftg_loss_bn" in b) == a["method"].endswith("ftg")
         if "ftg_loss_bn" in b:
-            assert a["ftg_loss_bn"] == pytest.approx(b["ftg_loss_bn"], rel=loose or 1e-4)
+            # summed over the generator's steps, which carry round 1's float-order difference
+            # too: 1.16e-4 apart on an AVX-512 machine (1e-4 failed there)
+            assert a["ftg_loss_bn"] == pytest.approx(b["ftg_loss_bn"], rel=loose or 1e-3)
     assert [r["round"] for r in fl if "train_plugin_loss" in r] == [2]  # FedGen's round 2
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["methods"]["scaffold"]["rounds"] == 2
