@@ -72,6 +72,11 @@ def _pts(value: float | None, sign: bool = True) -> str:
     return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
 
 
+def _has_plugin(label: str) -> bool:
+    """Whether the method of a `method_label` runs a server step (FedFTG, FedDF, ...)."""
+    return split_method(method_of(label))[1] is not None
+
+
 def _phase(
     pairs: list[tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]], lo: int, hi: int
 ) -> dict[str, Any]:
@@ -100,7 +105,7 @@ def seed_rows(runs: dict[Key, dict[int, dict[str, Any]]], base: str) -> list[dic
     the rounds it helped, the spread and the difference to ``base`` on the same seed."""
     out = []
     for (label, seed), rows in sorted(runs.items()):
-        if split_method(method_of(label))[1] is None:
+        if not _has_plugin(label):
             continue
         ref = runs.get((base, seed), {})
         last = max(rows)
@@ -123,7 +128,7 @@ def over_seeds(runs: dict[Key, dict[int, dict[str, Any]]], base: str) -> list[di
     seeds' rounds pooled (as `seed_rows` gives them for one seed)."""
     by_variant: dict[str, list[int]] = defaultdict(list)
     for label, seed in sorted(runs):
-        if split_method(method_of(label))[1] is not None:
+        if _has_plugin(label):
             by_variant[label].append(seed)
     out = []
     for label, seeds in by_variant.items():
